@@ -1,0 +1,1 @@
+"""LoRPA: Lottery Rank-Pruning Adaptation on top of peft LoRA."""
