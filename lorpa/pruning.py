@@ -1,0 +1,246 @@
+"""Rank pruning of peft LoRA adapters.
+
+`prune` removes the lowest-scoring rank components in place and rewrites the adapter config
+(`rank_pattern` / `alpha_pattern` with full module names) so that `save_pretrained` writes a
+standard peft adapter that `PeftModel.from_pretrained` loads with no LoRPA code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from torch import nn
+
+from .layers import factors, lora_layers, resolve_adapter, unwrap
+from .rewind import SNAPSHOT_ATTR, init_snapshot
+from .scoring import SCORES, rank_scores
+
+SCOPES = ("module", "global")
+REWINDS = ("none", "init")
+
+
+@dataclass
+class ModulePruning:
+    """What happened to one adapted module."""
+
+    old_rank: int
+    new_rank: int
+    old_alpha: float
+    new_alpha: float
+    kept: list[int]
+    scores: list[float]
+
+
+@dataclass
+class PruneReport:
+    score: str
+    scope: str
+    rewind: str
+    modules: dict[str, ModulePruning] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: m.new_rank for name, m in self.modules.items()}
+
+    @property
+    def old_ranks(self) -> dict[str, int]:
+        return {name: m.old_rank for name, m in self.modules.items()}
+
+    @property
+    def threshold(self) -> float:
+        """The highest score that was pruned (-inf when nothing was)."""
+        highest = -math.inf
+        for module in self.modules.values():
+            kept = set(module.kept)
+            highest = max([highest] + [s for i, s in enumerate(module.scores) if i not in kept])
+        return highest
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _kept_count(rank: int, target_rank: int | None, ratio: float | None, min_rank: int) -> int:
+    kept = target_rank if target_rank is not None else rank - round(rank * ratio)
+    return min(rank, max(min_rank, kept))
+
+
+def _check_arguments(layers, target_rank, ratio, score, scope, min_rank, alpha, rewind, adapter_name):
+    if (target_rank is None) == (ratio is None):
+        raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
+    if ratio is not None and not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if rewind not in REWINDS:
+        raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
+    if not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
+    if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise ValueError(f"alpha must be 'keep_scaling' or a positive number, got {alpha!r}")
+    if target_rank is not None:
+        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < min_rank:
+            raise ValueError(f"target_rank must be an integer >= min_rank ({min_rank}), got {target_rank!r}")
+        too_small = {n: layer.r[adapter_name] for n, layer in layers.items() if layer.r[adapter_name] < target_rank}
+        if too_small:
+            name, rank = next(iter(too_small.items()))
+            raise ValueError(f"target_rank {target_rank} exceeds the rank of {name} ({rank})")
+    for name, layer in layers.items():
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"{name}: adapter {adapter_name!r} is merged into the base weights; unmerge it first")
+        if rewind == "init" and init_snapshot(layer, adapter_name) is None:
+            raise ValueError(
+                f"{name}: rewind='init' needs the injection-time values; create the adapters with "
+                "lorpa.get_peft_model or call lorpa.record_init right after get_peft_model"
+            )
+
+
+def _select_module(scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Per module: the `counts[name]` highest scores (ties: lower index first)."""
+    return {name: torch.sort(s, descending=True, stable=True).indices[: counts[name]] for name, s in scores.items()}
+
+
+def _select_global(scores: dict[str, torch.Tensor], counts: dict[str, int], min_rank: int) -> dict[str, torch.Tensor]:
+    """One budget (the per-module total) over all components, after reserving each module's top `min_rank`."""
+    flat = torch.cat(list(scores.values())).clone()
+    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(scores.values())])
+    offset = 0
+    for s in scores.values():
+        flat[offset + torch.sort(s, descending=True, stable=True).indices[:min_rank]] = math.inf
+        offset += len(s)
+    chosen = torch.sort(flat, descending=True, stable=True).indices[: sum(counts.values())]
+    starts = torch.tensor([0] + [len(s) for s in scores.values()]).cumsum(0)
+    return {name: chosen[owner[chosen] == i] - starts[i] for i, name in enumerate(scores)}
+
+
+def _agree_across_processes(kept: dict[str, torch.Tensor], ranks: dict[str, int], device: torch.device):
+    """Make every process use rank 0's choice, so replicas can never drift apart."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return kept
+    masks = []
+    for name, idx in kept.items():
+        mask = torch.zeros(ranks[name], dtype=torch.uint8)
+        mask[idx] = 1
+        masks.append(mask)
+    flat = torch.cat(masks).to(device)
+    dist.broadcast(flat, src=0)
+    flat = flat.cpu().bool()
+    agreed, start = {}, 0
+    for name in kept:
+        agreed[name] = torch.nonzero(flat[start : start + ranks[name]]).flatten()
+        start += ranks[name]
+    return agreed
+
+
+def _pruned_alpha(layer, adapter_name: str, new_rank: int, alpha) -> float:
+    if alpha != "keep_scaling":
+        return alpha
+    old_alpha, old_rank = layer.lora_alpha[adapter_name], layer.r[adapter_name]
+    if layer.use_rslora.get(adapter_name, False):
+        new_alpha = old_alpha * math.sqrt(new_rank / old_rank)
+    else:
+        new_alpha = old_alpha * new_rank / old_rank
+    return int(new_alpha) if float(new_alpha).is_integer() else new_alpha
+
+
+def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, rewind: str) -> None:
+    """Keep components `kept` of the layer's A rows / B columns and recompute its scaling as peft does."""
+    lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    source_A, source_B = factors(layer, adapter_name)
+    snapshot = init_snapshot(layer, adapter_name)
+    if rewind == "init":
+        source_A, source_B = (t.to(device=source_A.device, dtype=source_A.dtype) for t in snapshot)
+    index = kept.to(source_A.device)
+    new_A = source_A.detach()[index].clone()
+    new_B = source_B.detach()[:, index].clone()
+    lora_A.weight = nn.Parameter(new_A, requires_grad=lora_A.weight.requires_grad)
+    lora_B.weight = nn.Parameter(new_B, requires_grad=lora_B.weight.requires_grad)
+    lora_A.out_features = lora_B.in_features = len(kept)
+    if snapshot is not None:
+        layer.__dict__[SNAPSHOT_ATTR][adapter_name] = (snapshot[0][kept].clone(), snapshot[1][:, kept].clone())
+
+    new_rank = len(kept)
+    layer.r[adapter_name] = new_rank
+    layer.lora_alpha[adapter_name] = alpha
+    root = math.sqrt(new_rank) if layer.use_rslora.get(adapter_name, False) else new_rank
+    layer.scaling[adapter_name] = alpha / root
+
+
+def _update_config(model: nn.Module, adapter_name: str, report: PruneReport) -> None:
+    """Write per-module ranks/alphas so the saved adapter rebuilds exactly these shapes and scales.
+
+    Keys are full module names; peft matches them as regexes against name endings, so longer names
+    go first and a name that happens to end another one can never capture it.
+    """
+    config = model.peft_config[adapter_name]
+    names = sorted(report.modules, key=len, reverse=True)
+    config.rank_pattern = {name: report.modules[name].new_rank for name in names}
+    config.alpha_pattern = {name: report.modules[name].new_alpha for name in names}
+    common_rank = Counter(config.rank_pattern.values()).most_common(1)[0][0]
+    config.r = common_rank
+    config.lora_alpha = next(m.new_alpha for m in report.modules.values() if m.new_rank == common_rank)
+
+
+def prune(
+    model: nn.Module,
+    *,
+    target_rank: int | None = None,
+    ratio: float | None = None,
+    score: str = "magnitude",
+    scope: str = "module",
+    min_rank: int = 1,
+    alpha: str | float = "keep_scaling",
+    rewind: str = "none",
+    seed: int | None = None,
+    adapter_name: str | None = None,
+) -> PruneReport:
+    """Drop the lowest-scoring rank components of every LoRA module, in place.
+
+    target_rank / ratio: ranks kept per module, or fraction of each module's rank pruned (exactly one).
+    scope: "module" prunes the same count everywhere (the paper); "global" ranks all components of all
+        modules together against the same total, never leaving a module below `min_rank`.
+    alpha: "keep_scaling" keeps each module's alpha/r, so the output changes by exactly the removed
+        components; a number sets a new lora_alpha everywhere (the paper's pruned alpha).
+    rewind: "none" keeps trained values (the paper); "init" resets survivors to injection-time values.
+    The optimizer must be rebuilt afterwards: the LoRA parameters are new tensors.
+    """
+    model = unwrap(model)
+    if not isinstance(model, PeftModel):
+        raise ValueError("prune needs a peft PeftModel (from get_peft_model or PeftModel.from_pretrained)")
+    adapter_name = resolve_adapter(model, adapter_name)
+    if model.peft_config[adapter_name].peft_type.value != "LORA":
+        raise ValueError(f"prune works on LoRA adapters, got {model.peft_config[adapter_name].peft_type.value}")
+    layers = lora_layers(model, adapter_name)
+    _check_arguments(layers, target_rank, ratio, score, scope, min_rank, alpha, rewind, adapter_name)
+
+    scores = rank_scores(model, score, seed=seed, adapter_name=adapter_name)
+    ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
+    counts = {name: _kept_count(r, target_rank, ratio, min_rank) for name, r in ranks.items()}
+    if scope == "module":
+        kept = _select_module(scores, counts)
+    else:
+        kept = _select_global(scores, counts, min_rank)
+    device = factors(next(iter(layers.values())), adapter_name)[0].device
+    kept = _agree_across_processes(kept, ranks, device)
+
+    report = PruneReport(score=score, scope=scope, rewind=rewind)
+    for name, layer in layers.items():
+        indices = torch.sort(kept[name]).values
+        new_alpha = _pruned_alpha(layer, adapter_name, len(indices), alpha)
+        report.modules[name] = ModulePruning(
+            old_rank=ranks[name],
+            new_rank=len(indices),
+            old_alpha=layer.lora_alpha[adapter_name],
+            new_alpha=new_alpha,
+            kept=indices.tolist(),
+            scores=scores[name].tolist(),
+        )
+        _shrink_layer(layer, adapter_name, indices, new_alpha, rewind)
+    _update_config(model, adapter_name, report)
+    return report

@@ -1,0 +1,52 @@
+import pytest
+import torch
+from conftest import tiny_roberta, with_lora
+
+import lorpa
+from lorpa.layers import factors
+
+
+def dense_component(layer, i):
+    lora_A, lora_B = factors(layer, "default")
+    return torch.outer(lora_B[:, i], lora_A[i, :]).detach()
+
+
+def test_magnitude_scores_equal_dense_outer_products(roberta_pair):
+    _, model = roberta_pair
+    scores = lorpa.rank_scores(model)
+    layers = lorpa.lora_layers(model)
+    assert set(scores) == set(layers) and len(scores) == 4  # query/value in 2 layers
+    for name, layer in layers.items():
+        brute = torch.tensor([dense_component(layer, i).abs().sum() for i in range(layer.r["default"])])
+        torch.testing.assert_close(scores[name], brute, rtol=1e-5, atol=0)
+
+
+def test_elementwise_scores_equal_authors_formula(roberta_pair):
+    _, model = roberta_pair
+    scores = lorpa.rank_scores(model, "elementwise")
+    for name, layer in lorpa.lora_layers(model).items():
+        lora_A, lora_B = factors(layer, "default")
+        brute = torch.tensor(
+            [sum(abs(lora_B[j, i].item() * lora_A[i, j].item()) for j in range(lora_A.shape[1])) for i in range(lora_A.shape[0])]
+        )
+        torch.testing.assert_close(scores[name], brute, rtol=1e-5, atol=1e-7)
+
+
+def test_elementwise_score_rejects_non_square_layer():
+    model = with_lora(tiny_roberta(), target_modules=["query", "intermediate.dense"])
+    with pytest.raises(ValueError, match="in_features == out_features"):
+        lorpa.rank_scores(model, "elementwise")
+
+
+def test_random_scores_are_seeded_and_differ_per_module(roberta_pair):
+    _, model = roberta_pair
+    first, again, other = (lorpa.rank_scores(model, "random", seed=s) for s in (3, 3, 4))
+    names = list(first)
+    assert all(torch.equal(first[n], again[n]) for n in names)
+    assert not torch.equal(first[names[0]], other[names[0]])
+    assert not torch.equal(first[names[0]], first[names[1]])
+
+
+def test_unknown_score_is_rejected(roberta_pair):
+    with pytest.raises(ValueError, match="unknown score 'l2'"):
+        lorpa.rank_scores(roberta_pair[1], "l2")
