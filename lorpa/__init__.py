@@ -1,13 +1,14 @@
 """LoRPA: Lottery Rank-Pruning Adaptation on top of peft LoRA."""
 
 from .layers import lora_layers
-from .pruning import ModulePruning, PruneReport, prune
+from .pruning import ModulePruning, PruneReport, check_prune_arguments, prune
 from .rewind import get_peft_model, init_state_dict, load_init_state_dict, record_init
 from .scoring import rank_scores
 
 __all__ = [
     "ModulePruning",
     "PruneReport",
+    "check_prune_arguments",
     "get_peft_model",
     "init_state_dict",
     "load_init_state_dict",

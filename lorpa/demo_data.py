@@ -4,11 +4,12 @@ The demo has to fine-tune a real model without network access and without
 shipping third-party corpus text, so the reviews are generated here from
 templates and hand-written word lists. The grammar is chosen so that the label
 is a fixed rule of the sentence but not of its keywords: negation flips the
-polarity of a sentiment word, and in contrast sentences ("X but Y",
-"although X, Y", "Y, even though X") only the main clause decides while the
-other clause carries the opposite sentiment. A keyword counter therefore does
-clearly worse than a model that reads structure, which is what the rank-pruning
-experiments need to show a difference between adapters.
+polarity of a sentiment word (also without the token "not": "far from good"), in
+contrast sentences ("X but Y", "although X, Y", "Y, even though X") only the main
+clause decides while the other clause carries the opposite sentiment, and a quoted
+expectation or opinion ("I expected it to be great, but it wasn't") is confirmed or
+refused. A keyword counter therefore does clearly worse than a model that reads
+structure, yet the data stays small enough to fine-tune on a CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ POSITIVE_VERBS = (("loved", "love"), ("enjoyed", "enjoy"), ("liked", "like"), ("
 NEGATIVE_VERBS = (("hated", "hate"), ("disliked", "dislike"), ("loathed", "loathe"), ("despised", "despise"))
 RECOMMEND_WORD = "recommend"  # positive
 AVOID_WORD = "avoid"  # negative
+N_TRAIN, N_VALIDATION = 2000, 400
 
 INTENSIFIERS = ("", "", "", "very ", "really ", "truly ", "extremely ", "incredibly ", "quite ", "pretty ")
 # Softeners that still read naturally after a negation ("was not particularly good").
@@ -99,29 +101,41 @@ NEGATIVE_WORDS = frozenset(
     + (AVOID_WORD,)
 )
 
-OPENERS = ("", "", "", "", "", "", "", "", "", "Honestly, ", "Overall, ", "In my opinion, ", "To be honest, ", "All in all, ", "Frankly, ")
+# Mostly empty so that about a third of the reviews get a neutral opener.
+OPENERS = ("",) * 9 + ("Honestly, ", "Overall, ", "In my opinion, ", "To be honest, ", "All in all, ", "Frankly, ")
+
+
+def _adjective(rng: random.Random, aspect_positive: tuple, aspect_negative: tuple, positive: bool) -> str:
+    """An aspect-specific or generic sentiment adjective of the given polarity."""
+    if positive:
+        return rng.choice(aspect_positive + POSITIVE_ADJECTIVES)
+    return rng.choice(aspect_negative + NEGATIVE_ADJECTIVES)
 
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _clause(rng: random.Random, aspects: tuple, item: str, positive: bool, negated: bool, *, aspect_only: bool = False) -> str:
+def _clause(
+    rng: random.Random, aspects: tuple, item: str, positive: bool, negated: bool, *, aspect_only: bool = False
+) -> str:
     """One sentiment clause whose meaning is `positive`; with `negated` the sentiment
     word has the opposite polarity and a negation flips it back."""
     word_positive = positive != negated
     kind = "aspect" if aspect_only else rng.choice(("aspect", "aspect", "aspect", "item", "verb", "recommend"))
-    if kind == "recommend" and negated and word_positive is False:
+    if kind == "recommend" and negated and not word_positive:
         kind = "aspect"  # "I wouldn't avoid it" is not natural English; use another form.
     if kind == "aspect":
         nouns, pos, neg = rng.choice(aspects)
-        adjectives = (pos if word_positive else neg) + (POSITIVE_ADJECTIVES if word_positive else NEGATIVE_ADJECTIVES)
-        noun, adjective = rng.choice(nouns), rng.choice(adjectives)
+        noun, adjective = rng.choice(nouns), _adjective(rng, pos, neg, word_positive)
         if negated and rng.random() < 0.25:
             # Negators without "not", so a model cannot just look for that token.
-            return f"the {noun} was {rng.choice(('far from', 'anything but', 'hardly', 'nowhere near'))} {adjective}"
+            negator = rng.choice(("far from", "anything but", "hardly", "nowhere near"))
+            return f"the {noun} was {negator} {adjective}"
         if negated:
-            verb = rng.choice(("was not", "wasn't", "was never", "is not", "isn't", "didn't seem", "did not feel", "never felt"))
+            verb = rng.choice(
+                ("was not", "wasn't", "was never", "is not", "isn't", "didn't seem", "did not feel", "never felt")
+            )
             return f"the {noun} {verb} {rng.choice(NEGATED_INTENSIFIERS)}{adjective}"
         verb = rng.choice(("was", "was", "is", "seemed", "felt"))
         return f"the {noun} {verb} {rng.choice(INTENSIFIERS)}{adjective}"
@@ -138,7 +152,10 @@ def _clause(rng: random.Random, aspects: tuple, item: str, positive: bool, negat
             return rng.choice((f"I {negation} {base} {target}", f"I never {past} {target}"))
         return f"I {rng.choice(('', 'really ', 'truly ', 'honestly '))}{past} {target}"
     if word_positive:
-        modal = rng.choice(("would not", "wouldn't", "would never", "can't", "cannot")) if negated else rng.choice(("would", "would happily", "can"))
+        if negated:
+            modal = rng.choice(("would not", "wouldn't", "would never", "can't", "cannot"))
+        else:
+            modal = rng.choice(("would", "would happily", "can"))
         return f"I {modal} {RECOMMEND_WORD} this {item}"
     return f"I would {rng.choice(('', 'definitely ', 'strongly suggest you '))}{AVOID_WORD} this {item}"
 
@@ -153,7 +170,7 @@ def _verdict(rng: random.Random, domain: dict, positive: bool) -> str:
     nouns, pos, neg = rng.choice(domain["aspects"])
     noun = rng.choice(nouns)
     word_positive = rng.random() < 0.5
-    adjective = rng.choice((pos if word_positive else neg) + (POSITIVE_ADJECTIVES if word_positive else NEGATIVE_ADJECTIVES))
+    adjective = _adjective(rng, pos, neg, word_positive)
     confirmed = word_positive == positive
     if rng.random() < 0.5:
         ending = rng.choice(("and it was", "and it really was", "and it certainly was") if confirmed
@@ -196,7 +213,9 @@ def _review(rng: random.Random, label: int) -> str:
     return " ".join(parts)
 
 
-def generate_demo_glue(*, n_train: int = 2000, n_validation: int = 400, seed: int = 0) -> dict[str, list[dict]]:
+def generate_demo_glue(
+    *, n_train: int = N_TRAIN, n_validation: int = N_VALIDATION, seed: int = 0
+) -> dict[str, list[dict]]:
     """Rows for both splits: balanced labels, no sentence shared between splits."""
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -218,7 +237,9 @@ def generate_demo_glue(*, n_train: int = 2000, n_validation: int = 400, seed: in
     return splits
 
 
-def write_demo_glue(out_dir, *, n_train: int = 2000, n_validation: int = 400, seed: int = 0) -> dict[str, Path]:
+def write_demo_glue(
+    out_dir, *, n_train: int = N_TRAIN, n_validation: int = N_VALIDATION, seed: int = 0
+) -> dict[str, Path]:
     """Write `train.jsonl` and `validation.jsonl` (glue/sst2 columns) and return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,11 +254,12 @@ def write_demo_glue(out_dir, *, n_train: int = 2000, n_validation: int = 400, se
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--n_train", type=int, default=2000)
-    parser.add_argument("--n_validation", type=int, default=400)
+    parser.add_argument("--n_train", type=int, default=N_TRAIN)
+    parser.add_argument("--n_validation", type=int, default=N_VALIDATION)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for path in write_demo_glue(args.out_dir, n_train=args.n_train, n_validation=args.n_validation, seed=args.seed).values():
+    paths = write_demo_glue(args.out_dir, n_train=args.n_train, n_validation=args.n_validation, seed=args.seed)
+    for path in paths.values():
         print(path)
 
 

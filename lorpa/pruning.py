@@ -69,38 +69,6 @@ def _kept_count(rank: int, target_rank: int | None, ratio: float | None, min_ran
     return min(rank, max(min_rank, kept))
 
 
-def _check_arguments(layers, target_rank, ratio, score, scope, min_rank, alpha, rewind, adapter_name):
-    if (target_rank is None) == (ratio is None):
-        raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    if rewind not in REWINDS:
-        raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
-    if not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
-    if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"alpha must be 'keep_scaling' or a positive number, got {alpha!r}")
-    if target_rank is not None:
-        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < min_rank:
-            raise ValueError(f"target_rank must be an integer >= min_rank ({min_rank}), got {target_rank!r}")
-        too_small = {n: layer.r[adapter_name] for n, layer in layers.items() if layer.r[adapter_name] < target_rank}
-        if too_small:
-            name, rank = next(iter(too_small.items()))
-            raise ValueError(f"target_rank {target_rank} exceeds the rank of {name} ({rank})")
-    for name, layer in layers.items():
-        if adapter_name in layer.merged_adapters:
-            raise ValueError(f"{name}: adapter {adapter_name!r} is merged into the base weights; unmerge it first")
-        if rewind == "init" and init_snapshot(layer, adapter_name) is None:
-            raise ValueError(
-                f"{name}: rewind='init' needs the injection-time values; create the adapters with "
-                "lorpa.get_peft_model or call lorpa.record_init right after get_peft_model"
-            )
-
-
 def _select_module(scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
     """Per module: the `counts[name]` highest scores (ties: lower index first)."""
     return {name: torch.sort(s, descending=True, stable=True).indices[: counts[name]] for name, s in scores.items()}
@@ -187,6 +155,68 @@ def _update_config(model: nn.Module, adapter_name: str, report: PruneReport) -> 
     config.lora_alpha = next(m.new_alpha for m in report.modules.values() if m.new_rank == common_rank)
 
 
+def check_prune_arguments(
+    model: nn.Module,
+    *,
+    target_rank: int | None = None,
+    ratio: float | None = None,
+    score: str = "magnitude",
+    scope: str = "module",
+    min_rank: int = 1,
+    alpha: str | float = "keep_scaling",
+    rewind: str = "none",
+    seed: int | None = None,
+    adapter_name: str | None = None,
+):
+    """Validate `prune`'s arguments against `model` without touching it (run scripts call this
+    before stage 1, so a bad option fails in seconds rather than after hours of training).
+
+    Returns (unwrapped model, adapter name, LoRA layers).
+    """
+    model = unwrap(model)
+    if not isinstance(model, PeftModel):
+        raise ValueError("prune needs a peft PeftModel (from get_peft_model or PeftModel.from_pretrained)")
+    adapter_name = resolve_adapter(model, adapter_name)
+    if model.peft_config[adapter_name].peft_type.value != "LORA":
+        raise ValueError(f"prune works on LoRA adapters, got {model.peft_config[adapter_name].peft_type.value}")
+    layers = lora_layers(model, adapter_name)
+    if (target_rank is None) == (ratio is None):
+        raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
+    if ratio is not None and not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if rewind not in REWINDS:
+        raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
+    if not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
+    if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise ValueError(f"alpha must be 'keep_scaling' or a positive number, got {alpha!r}")
+    if target_rank is not None:
+        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < min_rank:
+            raise ValueError(f"target_rank must be an integer >= min_rank ({min_rank}), got {target_rank!r}")
+        too_small = {n: layer.r[adapter_name] for n, layer in layers.items() if layer.r[adapter_name] < target_rank}
+        if too_small:
+            name, rank = next(iter(too_small.items()))
+            raise ValueError(f"target_rank {target_rank} exceeds the rank of {name} ({rank})")
+    for name, layer in layers.items():
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"{name}: adapter {adapter_name!r} is merged into the base weights; unmerge it first")
+        if rewind == "init" and init_snapshot(layer, adapter_name) is None:
+            raise ValueError(
+                f"{name}: rewind='init' needs the injection-time values; create the adapters with "
+                "lorpa.get_peft_model or call lorpa.record_init right after get_peft_model"
+            )
+        if score == "elementwise" and layer.in_features != layer.out_features:
+            raise ValueError(
+                f"{name}: the elementwise score needs in_features == out_features, "
+                f"got in={layer.in_features}, out={layer.out_features}"
+            )
+    return model, adapter_name, layers
+
+
 def prune(
     model: nn.Module,
     *,
@@ -210,15 +240,10 @@ def prune(
     rewind: "none" keeps trained values (the paper); "init" resets survivors to injection-time values.
     The optimizer must be rebuilt afterwards: the LoRA parameters are new tensors.
     """
-    model = unwrap(model)
-    if not isinstance(model, PeftModel):
-        raise ValueError("prune needs a peft PeftModel (from get_peft_model or PeftModel.from_pretrained)")
-    adapter_name = resolve_adapter(model, adapter_name)
-    if model.peft_config[adapter_name].peft_type.value != "LORA":
-        raise ValueError(f"prune works on LoRA adapters, got {model.peft_config[adapter_name].peft_type.value}")
-    layers = lora_layers(model, adapter_name)
-    _check_arguments(layers, target_rank, ratio, score, scope, min_rank, alpha, rewind, adapter_name)
-
+    model, adapter_name, layers = check_prune_arguments(
+        model, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
+        alpha=alpha, rewind=rewind, seed=seed, adapter_name=adapter_name,
+    )
     scores = rank_scores(model, score, seed=seed, adapter_name=adapter_name)
     ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
     counts = {name: _kept_count(r, target_rank, ratio, min_rank) for name, r in ranks.items()}

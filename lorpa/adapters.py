@@ -1,0 +1,59 @@
+"""Putting the method's adapters on a transformers model.
+
+The task head is always trained and saved: peft's `task_type` puts it in `modules_to_save`
+(the authors' code passed no task type, so its classifier stayed at its random init).
+"""
+
+from __future__ import annotations
+
+import peft
+from peft import AdaLoraConfig, LoraConfig
+from transformers import TrainerCallback
+
+from .arguments import MethodArguments
+from .rewind import get_peft_model
+
+
+def lora_config(args: MethodArguments, task_type: str) -> LoraConfig:
+    return LoraConfig(
+        task_type=task_type,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=args.modules_to_save,
+    )
+
+
+def adalora_config(args: MethodArguments, task_type: str, total_steps: int) -> AdaLoraConfig:
+    return AdaLoraConfig(
+        task_type=task_type,
+        init_r=args.lora_r,
+        target_r=args.adalora_target_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=args.modules_to_save,
+        total_step=total_steps,
+        tinit=int(args.adalora_tinit_ratio * total_steps),
+        tfinal=int(args.adalora_tfinal_ratio * total_steps),
+    )
+
+
+def attach_adapters(model, args: MethodArguments, task_type: str, total_steps: int):
+    """The model to train: the bare model for `full`, else a PeftModel (injection values recorded)."""
+    if args.method == "full":
+        return model
+    if args.method == "adalora":
+        return peft.get_peft_model(model, adalora_config(args, task_type, total_steps))
+    return get_peft_model(model, lora_config(args, task_type))
+
+
+class AdaLoraAllocationCallback(TrainerCallback):
+    """Calls AdaLoRA's `update_and_allocate` after every optimizer step, while gradients still exist.
+
+    Without it AdaLoRA under a plain Trainer never reallocates and silently trains as LoRA.
+    """
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)

@@ -1,0 +1,83 @@
+"""Argument dataclasses shared by `run_glue.py` and `run_summarization.py`.
+
+Flag names are a public interface: configs and `train.sh` depend on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .cli import UsageError
+from .pruning import REWINDS, SCOPES
+from .scoring import SCORES
+
+METHODS = ("lorpa", "lora", "full", "adalora")
+PAPER_TARGET_RANK = 8  # RoBERTa in the paper; used when neither prune flag is given
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the pretrained model"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own"})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache hub downloads"})
+
+
+@dataclass
+class MethodArguments:
+    method: str = field(default="lorpa", metadata={"help": f"One of {', '.join(METHODS)}"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output folder"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (stage-1 rank r0 for lorpa, init_r for adalora)"})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (stage 1 for lorpa)"})
+    lora_dropout: float = field(default=0.0)
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt; default: peft's per-architecture default (q/v)"}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra modules trained in full and saved with the adapter (the task head always is)"},
+    )
+    stage1_ratio: float = field(default=0.2, metadata={"help": "Fraction of the epochs trained before pruning"})
+    prune_target_rank: int | None = field(
+        default=None, metadata={"help": f"Ranks kept per module (default {PAPER_TARGET_RANK} if no prune_ratio)"}
+    )
+    prune_ratio: float | None = field(default=None, metadata={"help": "Fraction of each module's ranks pruned"})
+    prune_score: str = field(default="magnitude", metadata={"help": f"One of {', '.join(SCORES)}"})
+    prune_scope: str = field(default="module", metadata={"help": f"One of {', '.join(SCOPES)}"})
+    pruned_alpha: float | None = field(
+        default=None, metadata={"help": "lora_alpha after pruning; absent: keep each module's alpha/r"}
+    )
+    rewind: str = field(default="none", metadata={"help": f"One of {', '.join(REWINDS)}"})
+    min_rank: int = field(default=1, metadata={"help": "No module is pruned below this rank (global scope)"})
+    adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA's average target rank"})
+    adalora_tinit_ratio: float = field(default=0.1, metadata={"help": "AdaLoRA warm-up before budgeting, as a fraction of steps"})
+    adalora_tfinal_ratio: float = field(default=0.2, metadata={"help": "AdaLoRA final fine-tuning, as a fraction of steps"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.prune_target_rank is not None and self.prune_ratio is not None:
+            raise UsageError("give --prune_target_rank or --prune_ratio, not both")
+        if self.prune_ratio is not None and not 0 <= self.prune_ratio < 1:
+            raise UsageError(f"--prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        if self.method == "lorpa" and not 0 < self.stage1_ratio < 1:
+            raise UsageError(f"--stage1_ratio must be in (0, 1), got {self.stage1_ratio}")
+        if self.lora_r < 1:
+            raise UsageError(f"--lora_r must be a positive integer, got {self.lora_r}")
+        if self.method == "adalora" and not 0 <= self.adalora_tinit_ratio + self.adalora_tfinal_ratio < 1:
+            raise UsageError("--adalora_tinit_ratio + --adalora_tfinal_ratio must be below 1")
+
+    def prune_kwargs(self, seed: int) -> dict:
+        """Keyword arguments for `lorpa.prune`."""
+        target = self.prune_target_rank
+        if target is None and self.prune_ratio is None:
+            target = PAPER_TARGET_RANK
+        return {
+            "target_rank": target,
+            "ratio": self.prune_ratio,
+            "score": self.prune_score,
+            "scope": self.prune_scope,
+            "min_rank": self.min_rank,
+            "alpha": "keep_scaling" if self.pruned_alpha is None else self.pruned_alpha,
+            "rewind": self.rewind,
+            "seed": seed,
+        }

@@ -1,0 +1,79 @@
+"""Command-line plumbing shared by the run scripts: YAML defaults, CLI overrides, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line and a non-zero exit, never as a traceback."""
+
+
+def _read_yaml(path: str) -> dict:
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of flag names to values")
+    return values
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None, defaults=None):
+    """Parse dataclass arguments where `--config FILE.yaml` supplies defaults and flags override them.
+
+    Every YAML key must be a flag of the script; an unknown key is an error that names it.
+    `defaults` replaces dataclass defaults (YAML and flags still override them).
+    Returns one instance per dataclass type, then the config path (or None).
+    """
+    parser = HfArgumentParser(dataclass_types, description=description)
+    parser.error = _raise_usage_error  # argparse would print the whole (very long) usage first
+    parser.add_argument("--config", default=None, help="YAML file of flag values; flags given here override it")
+    parser.set_defaults(**(defaults or {}))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config", default=None)
+    config_path = pre_parser.parse_known_args(argv)[0].config
+    if config_path is not None:
+        values = _read_yaml(config_path)
+        actions = {action.dest: action for action in parser._actions}
+        unknown = sorted(set(values) - set(actions) - {"config"})
+        if unknown:
+            raise UsageError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
+        for key, value in values.items():
+            actions[key].default = value
+            actions[key].required = False
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        raise UsageError(f"unrecognized argument(s): {' '.join(remaining)}")
+    outputs = []
+    for dtype in parser.dataclass_types:
+        keys = {f.name for f in dataclasses.fields(dtype) if f.init}
+        try:
+            outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in keys}))
+        except ValueError as error:
+            raise UsageError(str(error).strip().splitlines()[0]) from error
+    return (*outputs, config_path)
+
+
+def _raise_usage_error(message: str):
+    raise UsageError(message)
+
+
+def run_cli(main, argv: list[str] | None = None) -> int:
+    """Run `main(argv)`; bad input becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main(argv)
+    except (UsageError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,47 @@
+"""Reading local data files (CSV, TSV, JSON Lines) through `datasets`, with row-level checks.
+
+`datasets` caches what it reads, so tokenisation (`Dataset.map`) is cached between runs too. Every
+problem is reported as one line that names the file, and the row where there is one.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+
+from .cli import UsageError
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def read_data_file(path: str, cache_dir: str | None = None) -> Dataset:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"data file not found: {path}")
+    builder = FORMATS.get(file.suffix.lower())
+    if builder is None:
+        raise UsageError(f"{path}: unsupported file type {file.suffix!r}; use one of {', '.join(FORMATS)}")
+    if file.stat().st_size == 0:
+        raise UsageError(f"{path}: file is empty")
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if file.suffix.lower() == ".tsv" else {}
+    try:
+        dataset = load_dataset(builder, data_files=str(file.resolve()), split="train", cache_dir=cache_dir, **options)
+    except Exception as error:  # datasets wraps parser errors in several exception types
+        cause = error.__cause__ or error
+        raise UsageError(f"{path}: could not be parsed as {builder}: {str(cause).strip().splitlines()[0]}") from error
+    if len(dataset) == 0:
+        raise UsageError(f"{path}: file has no rows")
+    return dataset
+
+
+def require_columns(dataset: Dataset, columns, path: str) -> None:
+    """Every column present, and no row with a missing (null) value in it."""
+    for column in columns:
+        if column not in dataset.column_names:
+            raise UsageError(f"{path}: no column {column!r} (columns: {', '.join(dataset.column_names)})")
+        values = dataset[column]
+        missing = next((row for row, value in enumerate(values) if value is None), None)
+        if missing is not None:
+            raise UsageError(f"{path}: row {missing + 1} has no value for {column!r}")

@@ -1,0 +1,133 @@
+"""GLUE data: hub or local files in the HF `glue` column schema, checked, tokenised and cached."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from datasets import DatasetDict, load_dataset
+
+from .cli import UsageError
+from .data_files import read_data_file, require_columns
+from .metrics import GLUE_TASKS, GlueTask, glue_metrics
+
+
+@dataclass
+class GlueDataArguments:
+    task_name: str = field(metadata={"help": f"One of {', '.join(GLUE_TASKS)}"})
+    train_file: str | None = field(default=None, metadata={"help": "Local CSV/TSV/JSON Lines file instead of the hub"})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (MNLI: matched)"})
+    validation_mismatched_file: str | None = field(default=None, metadata={"help": "MNLI mismatched validation file"})
+    test_file: str | None = field(default=None, metadata={"help": "Local file to predict after training"})
+    max_seq_length: int = field(default=128, metadata={"help": "Sequences are truncated to this many tokens"})
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every batch to max_seq_length instead of its longest sequence"}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows of each eval split"})
+    max_predict_samples: int | None = field(default=None)
+    preprocessing_num_workers: int | None = field(default=None)
+    overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the cache"})
+
+    def __post_init__(self):
+        if self.task_name not in GLUE_TASKS:
+            raise UsageError(f"unknown task {self.task_name!r}; choose one of {', '.join(GLUE_TASKS)}")
+        if self.max_seq_length < 1:
+            raise UsageError(f"--max_seq_length must be positive, got {self.max_seq_length}")
+        local = (self.train_file, self.validation_file)
+        if any(local) and not all(local):
+            raise UsageError("local data needs both --train_file and --validation_file")
+        if self.task_name == "mnli" and self.train_file and not self.validation_mismatched_file:
+            raise UsageError("local MNLI data needs --validation_mismatched_file as well")
+
+    @property
+    def task(self) -> GlueTask:
+        return GLUE_TASKS[self.task_name]
+
+
+def _local_files(args: GlueDataArguments) -> dict[str, str]:
+    eval_files = (args.validation_file, args.validation_mismatched_file)
+    files = {"train": args.train_file, **dict(zip(args.task.eval_splits, eval_files))}
+    if args.test_file:
+        files["test"] = args.test_file
+    return files
+
+
+def check_labels(dataset, task: GlueTask, path: str) -> None:
+    """Classification labels must be class ids of the task; STS-B scores must lie in [0, 5]."""
+    for row, label in enumerate(dataset["label"]):
+        if task.is_regression:
+            valid = isinstance(label, (int, float)) and 0 <= label <= 5
+            expected = "a score in [0, 5]"
+        else:
+            valid = isinstance(label, int) and 0 <= label < task.num_labels
+            expected = f"a class id in 0..{task.num_labels - 1}"
+        if not valid:
+            raise UsageError(f"{path}: row {row + 1} has label {label!r}; {task.name} expects {expected}")
+
+
+def load_glue(args: GlueDataArguments, cache_dir: str | None = None) -> DatasetDict:
+    """Train and evaluation splits (and `test` if given), every row checked against the task schema."""
+    task = args.task
+    if args.train_file:
+        files = _local_files(args)
+        splits = DatasetDict({split: read_data_file(path, cache_dir) for split, path in files.items()})
+    else:
+        files = {split: f"glue/{task.name} ({split})" for split in ("train", *task.eval_splits)}
+        splits = load_dataset("glue", task.name, cache_dir=cache_dir)
+        splits = DatasetDict({split: splits[split] for split in files})
+    for split, dataset in splits.items():
+        if split == "test":  # GLUE test sets carry label -1: they are predicted, never scored
+            require_columns(dataset, task.text_columns, files[split])
+            continue
+        require_columns(dataset, (*task.text_columns, "label"), files[split])
+        check_labels(dataset, task, files[split])
+    limits = {"train": args.max_train_samples, "test": args.max_predict_samples}
+    for split, dataset in splits.items():
+        limit = limits.get(split, args.max_eval_samples)
+        if limit is not None:
+            splits[split] = dataset.select(range(min(limit, len(dataset))))
+    return splits
+
+
+def tokenize_glue(splits: DatasetDict, tokenizer, args: GlueDataArguments) -> DatasetDict:
+    """Tokenise every split (cached by `datasets`), keeping only model inputs and `label`."""
+    task = args.task
+
+    def encode(batch):
+        texts = [batch[column] for column in task.text_columns]
+        return tokenizer(
+            *texts,
+            truncation=True,
+            max_length=args.max_seq_length,
+            padding="max_length" if args.pad_to_max_length else False,
+        )
+
+    return DatasetDict(
+        {
+            split: dataset.map(
+                encode,
+                batched=True,
+                num_proc=args.preprocessing_num_workers,
+                remove_columns=[c for c in dataset.column_names if c != "label"],
+                load_from_cache_file=not args.overwrite_cache,
+                desc=f"Tokenizing {split}",
+            )
+            for split, dataset in splits.items()
+        }
+    )
+
+
+def compute_metrics_for(task: GlueTask):
+    """A Trainer `compute_metrics` for the task."""
+
+    def compute_metrics(eval_prediction):
+        return glue_metrics(task.name, eval_prediction.predictions, eval_prediction.label_ids)
+
+    return compute_metrics
+
+
+def main_metric_name(task: GlueTask) -> str:
+    """The key the Trainer logs the task's main metric under (MNLI: the matched split)."""
+    if len(task.eval_splits) > 1:
+        return f"{task.eval_splits[0]}_{task.main_metric}"
+    return task.main_metric

@@ -1,0 +1,50 @@
+"""results.json: one file per run, the unit that `lorpa.report` aggregates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .outputs import write_json_atomic
+from .training import TrainingOutcome
+
+RESULTS_FILE = "results.json"
+
+
+def best_and_last(history: list[dict], main_metric: str) -> tuple[dict, dict]:
+    """(best evaluation by `main_metric`, last evaluation) of one stage's history."""
+    scored = [entry for entry in history if main_metric in entry]
+    if not scored:
+        raise RuntimeError(f"no evaluation reported {main_metric!r}")
+    return max(scored, key=lambda entry: entry[main_metric]), scored[-1]
+
+
+def results_record(outcome: TrainingOutcome, *, task: str, model: str, method: str, seed: int,
+                   main_metric: str, config: dict) -> dict:
+    """The best validation score of the final stage is what the paper reports; the last is kept too."""
+    final = outcome.stages[-1]
+    best, last = best_and_last(final["history"], main_metric)
+    report = outcome.prune_report
+    if report is not None and not isinstance(report, dict):
+        report = report.to_dict()
+    return {
+        "task": task,
+        "model": model,
+        "method": method,
+        "seed": seed,
+        "main_metric": main_metric,
+        "metrics": last,
+        "best_metrics": best,
+        "trainable_params": final["trainable_params"],
+        "ranks": final["ranks"],
+        "stage1_ranks": outcome.stage1_ranks,
+        "prune": None if report is None else {k: report[k] for k in ("score", "scope", "rewind")},
+        "train_runtime_s": sum(stage["train_runtime_s"] for stage in outcome.stages),
+        "stages": outcome.stages,
+        "config": config,
+    }
+
+
+def write_results(output_dir: str, record: dict) -> Path:
+    path = Path(output_dir, RESULTS_FILE)
+    write_json_atomic(path, record)
+    return path

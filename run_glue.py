@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Fine-tune a sequence classifier on a GLUE task with LoRPA, LoRA, AdaLoRA or full fine-tuning.
+
+    python run_glue.py --config configs/glue/roberta-base/rte.yaml --output_dir runs/rte
+    python run_glue.py --model_name_or_path roberta-base --task_name mrpc --method lora --lora_r 8 \
+        --num_train_epochs 3 --output_dir runs/mrpc-lora
+
+Any flag overrides the `--config` YAML. See README.md for the flags LoRPA adds to the usual ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+from lorpa.arguments import MethodArguments, ModelArguments
+from lorpa.cli import UsageError, parse_args, run_cli
+from lorpa.loading import load_pretrained
+from lorpa.glue import GlueDataArguments, compute_metrics_for, load_glue, main_metric_name, tokenize_glue
+from lorpa.outputs import check_output_dir
+from lorpa.results import results_record, write_results
+from lorpa.training import train_stages
+
+TRAINING_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1, "logging_strategy": "epoch"}
+
+
+def write_predictions(trainer: Trainer, dataset, task, output_dir: str) -> None:
+    """GLUE-submission style `predict_results.txt`: index and predicted label (or score)."""
+    predictions = trainer.predict(dataset.remove_columns([c for c in ("label",) if c in dataset.column_names]))
+    values = predictions.predictions
+    values = values.reshape(-1) if task.is_regression else np.argmax(values, axis=-1)
+    if trainer.is_world_process_zero():
+        lines = ["index\tprediction"] + [f"{i}\t{v:.3f}" if task.is_regression else f"{i}\t{v}" for i, v in enumerate(values)]
+        Path(output_dir, "predict_results.txt").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    model_args, data_args, method_args, training_args, config_path = parse_args(
+        (ModelArguments, GlueDataArguments, MethodArguments, TrainingArguments),
+        argv,
+        description=__doc__.splitlines()[0],
+        defaults=TRAINING_DEFAULTS,
+    )
+    if not training_args.output_dir:
+        raise UsageError("--output_dir is required")
+    check_output_dir(
+        training_args.output_dir,
+        overwrite=method_args.overwrite_output_dir,
+        resuming=training_args.resume_from_checkpoint is not None,
+    )
+    task = data_args.task
+    model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
+    load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
+    splits = load_glue(data_args, cache_dir)
+    tokenizer = load_pretrained(AutoTokenizer, model_args.tokenizer_name or model_path, cache_dir)
+    encoded = tokenize_glue(splits, tokenizer, data_args)
+    set_seed(training_args.seed)
+
+    eval_splits = {split: encoded[split] for split in task.eval_splits}
+    collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer)
+
+    def make_trainer(model, stage_args):
+        return Trainer(
+            model=model,
+            args=stage_args,
+            train_dataset=encoded["train"],
+            eval_dataset=eval_splits if len(eval_splits) > 1 else eval_splits[task.eval_splits[0]],
+            processing_class=tokenizer,
+            data_collator=collator,
+            compute_metrics=compute_metrics_for(task),
+        )
+
+    outcome = train_stages(
+        load_model=lambda: load_pretrained(
+            AutoModelForSequenceClassification, model_path, cache_dir, num_labels=task.num_labels
+        ),
+        make_trainer=make_trainer,
+        method_args=method_args,
+        training_args=training_args,
+        task_type="SEQ_CLS",
+        num_train_examples=len(encoded["train"]),
+    )
+    if "test" in encoded:
+        write_predictions(outcome.trainer, encoded["test"], task, training_args.output_dir)
+    if outcome.trainer.is_world_process_zero():
+        record = results_record(
+            outcome,
+            task=task.name,
+            model=model_args.model_name_or_path,
+            method=method_args.method,
+            seed=training_args.seed,
+            main_metric=main_metric_name(task),
+            config={
+                "config_file": config_path,
+                **dataclasses.asdict(model_args),
+                **dataclasses.asdict(data_args),
+                **dataclasses.asdict(method_args),
+                "training": training_args.to_dict(),
+            },
+        )
+        print(f"results: {write_results(training_args.output_dir, record)}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,85 @@
+"""Tiny models, tokenizers and data files written to disk, as a user's local folders would be."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+WORDS = "good bad great awful fine poor movie food plot staff service story acting cheap slow fast kind rude".split()
+SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def sentence(rng: random.Random, length: int = 6) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(length))
+
+
+def write_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on the fly, saved so `AutoTokenizer` reloads it."""
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([" ".join(WORDS + list(".,!?"))], trainers.WordLevelTrainer(special_tokens=SPECIAL))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def write_tiny_roberta(folder: Path) -> Path:
+    tokenizer = write_tokenizer(folder)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=80, pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2,
+    )
+    RobertaForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_bart(folder: Path) -> Path:
+    tokenizer = write_tokenizer(folder)
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=80,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+        forced_eos_token_id=2,
+    )
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def glue_rows(task: str, n: int, seed: int) -> list[dict]:
+    """Rows in the HF `glue` schema of `task`, with labels that depend on the text."""
+    from lorpa.metrics import GLUE_TASKS
+
+    spec = GLUE_TASKS[task]
+    rng = random.Random(seed)
+    rows = []
+    for idx in range(n):
+        row = {column: sentence(rng) for column in spec.text_columns}
+        positive = sum(row[c].split().count("good") for c in spec.text_columns)
+        if spec.is_regression:
+            row["label"] = float(min(5, positive))
+        else:
+            row["label"] = min(spec.num_labels - 1, positive)
+        row["idx"] = idx
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
