@@ -10,7 +10,6 @@ Any flag overrides the `--config` YAML. See README.md for the flags LoRPA adds t
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,15 +25,13 @@ from transformers import (
     set_seed,
 )
 
-from lorpa.arguments import MethodArguments, ModelArguments
+from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
 from lorpa.cli import UsageError, parse_args, run_cli
 from lorpa.loading import load_pretrained
 from lorpa.glue import GlueDataArguments, compute_metrics_for, load_glue, main_metric_name, tokenize_glue
 from lorpa.outputs import check_output_dir
-from lorpa.results import results_record, write_results
+from lorpa.results import results_record, run_config, write_results
 from lorpa.training import train_stages
-
-TRAINING_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1, "logging_strategy": "epoch"}
 
 
 def write_predictions(trainer: Trainer, dataset, task, output_dir: str) -> None:
@@ -85,7 +82,11 @@ def main(argv=None):
 
     outcome = train_stages(
         load_model=lambda: load_pretrained(
-            AutoModelForSequenceClassification, model_path, cache_dir, num_labels=task.num_labels
+            AutoModelForSequenceClassification,
+            model_path,
+            cache_dir,
+            num_labels=task.num_labels,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         ),
         make_trainer=make_trainer,
         method_args=method_args,
@@ -103,13 +104,7 @@ def main(argv=None):
             method=method_args.method,
             seed=training_args.seed,
             main_metric=main_metric_name(task),
-            config={
-                "config_file": config_path,
-                **dataclasses.asdict(model_args),
-                **dataclasses.asdict(data_args),
-                **dataclasses.asdict(method_args),
-                "training": training_args.to_dict(),
-            },
+            config=run_config(config_path, training_args, model_args, data_args, method_args),
         )
         print(f"results: {write_results(training_args.output_dir, record)}")
 

@@ -13,6 +13,9 @@ from .scoring import SCORES
 
 METHODS = ("lorpa", "lora", "full", "adalora")
 PAPER_TARGET_RANK = 8  # RoBERTa in the paper; used when neither prune flag is given
+# Trainer settings the run scripts change: evaluate and log every epoch (the paper reports the best
+# per-epoch validation score) and keep only the latest checkpoint.
+TRAINING_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1, "logging_strategy": "epoch"}
 
 
 @dataclass
@@ -20,6 +23,9 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the pretrained model"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own"})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache hub downloads"})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialise checkpoint weights whose shape differs (e.g. another task's head)"}
+    )
 
 
 @dataclass
@@ -63,8 +69,13 @@ class MethodArguments:
             raise UsageError(f"--stage1_ratio must be in (0, 1), got {self.stage1_ratio}")
         if self.lora_r < 1:
             raise UsageError(f"--lora_r must be a positive integer, got {self.lora_r}")
-        if self.method == "adalora" and not 0 <= self.adalora_tinit_ratio + self.adalora_tfinal_ratio < 1:
-            raise UsageError("--adalora_tinit_ratio + --adalora_tfinal_ratio must be below 1")
+        if self.method == "lorpa" and self.prune_kwargs(0)["target_rank"] not in (None, *range(1, self.lora_r + 1)):
+            raise UsageError(f"--prune_target_rank must be in [1, --lora_r={self.lora_r}], got {self.prune_target_rank}")
+        if self.method == "adalora":
+            if not 0 <= self.adalora_tinit_ratio + self.adalora_tfinal_ratio < 1:
+                raise UsageError("--adalora_tinit_ratio + --adalora_tfinal_ratio must be below 1")
+            if not 0 < self.adalora_target_r < self.lora_r:
+                raise UsageError(f"--adalora_target_r must be in [1, --lora_r), got {self.adalora_target_r}")
 
     def prune_kwargs(self, seed: int) -> dict:
         """Keyword arguments for `lorpa.prune`."""

@@ -12,7 +12,7 @@ from transformers import (
     BartForConditionalGeneration,
     PreTrainedTokenizerFast,
     RobertaConfig,
-    RobertaForSequenceClassification,
+    RobertaModel,
 )
 
 WORDS = "good bad great awful fine poor movie food plot staff service story acting cheap slow fast kind rude".split()
@@ -40,12 +40,13 @@ def write_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
 
 
 def write_tiny_roberta(folder: Path) -> Path:
+    """A headless encoder, as pretrained checkpoints are: each task gets a fresh head of its size."""
     tokenizer = write_tokenizer(folder)
     config = RobertaConfig(
         vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=80, pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2,
     )
-    RobertaForSequenceClassification(config).save_pretrained(folder)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder
 
 

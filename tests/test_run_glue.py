@@ -1,0 +1,215 @@
+"""run_glue.py end to end on a tiny RoBERTa and synthetic rows in each task's schema."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+import lorpa
+import run_glue
+from lorpa.cli import run_cli
+from lorpa.metrics import GLUE_TASKS, glue_metrics
+
+RESULT_KEYS = {
+    "task", "model", "method", "seed", "metrics", "best_metrics", "trainable_params", "ranks", "stage1_ranks",
+    "config", "train_runtime_s",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"))
+
+
+def task_files(folder, task, n_train=24, n_eval=8):
+    files = {"train_file": write_jsonl(folder / f"{task}-train.jsonl", glue_rows(task, n_train, 0))}
+    files["validation_file"] = write_jsonl(folder / f"{task}-validation.jsonl", glue_rows(task, n_eval, 1))
+    if task == "mnli":
+        files["validation_mismatched_file"] = write_jsonl(folder / "mnli-mm.jsonl", glue_rows(task, n_eval, 2))
+    return files
+
+
+def argv_for(model_dir, folder, task, output_dir, *extra, files=None):
+    files = files or task_files(folder, task)
+    argv = ["--model_name_or_path", str(model_dir), "--task_name", task, "--output_dir", str(output_dir)]
+    for flag, path in files.items():
+        argv += [f"--{flag}", str(path)]
+    return argv + [
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+        "--lora_r", "8", "--lora_alpha", "16", "--prune_target_rank", "2", "--report_to", "none",
+        "--save_strategy", "no", "--disable_tqdm", "true", *extra,
+    ]
+
+
+def read_results(output_dir):
+    return json.loads((output_dir / "results.json").read_text())
+
+
+@pytest.mark.parametrize("task", list(GLUE_TASKS))
+def test_every_task_runs_lorpa_end_to_end(model_dir, tmp_path, task):
+    output_dir = tmp_path / "out"
+    run_glue.main(argv_for(model_dir, tmp_path, task, output_dir, "--stage1_ratio", "0.5"))
+    results = read_results(output_dir)
+    assert RESULT_KEYS <= set(results)
+    spec = GLUE_TASKS[task]
+    main = f"{spec.eval_splits[0]}_{spec.main_metric}" if task == "mnli" else spec.main_metric
+    assert main in results["metrics"] and main in results["best_metrics"]
+    if task == "mnli":
+        assert "validation_mismatched_accuracy" in results["metrics"]
+    assert set(results["stage1_ranks"].values()) == {8}
+    assert set(results["ranks"].values()) == {2}
+    assert [stage["name"] for stage in results["stages"]] == ["stage1", "stage2"]
+
+
+@pytest.mark.parametrize("method", ["lorpa", "lora", "full", "adalora"])
+def test_every_method_trains_the_head_and_reloads(model_dir, tmp_path, method):
+    output_dir = tmp_path / "out"
+    files = task_files(tmp_path, "rte")
+    extra = ["--adalora_target_r", "4"] if method == "adalora" else []
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--method", method, *extra, files=files))
+    results = read_results(output_dir)
+    assert results["method"] == method and RESULT_KEYS <= set(results)
+
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    rows = [json.loads(line) for line in files["validation_file"].read_text().splitlines()]
+    batch = tokenizer([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], padding=True, return_tensors="pt")
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    head_before = base.classifier.out_proj.weight.detach().clone()
+    if method == "full":
+        reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir)
+        assert not torch.equal(reloaded.classifier.out_proj.weight, head_before)
+        return
+    reloaded = PeftModel.from_pretrained(base, output_dir).eval()
+    head = reloaded.base_model.model.classifier.modules_to_save["default"].out_proj.weight
+    assert not torch.equal(head, head_before)  # the head was trained and saved
+    with torch.no_grad():
+        predictions = reloaded(**batch).logits.argmax(-1)
+    if method in ("lorpa", "lora"):
+        expected_rank = 2 if method == "lorpa" else 8
+        assert set(results["ranks"].values()) == {expected_rank}
+        assert all(layer.r["default"] == expected_rank for layer in lorpa.lora_layers(reloaded).values())
+    assert predictions.shape == (len(rows),)
+
+
+def test_reloaded_adapter_reproduces_final_evaluation(model_dir, tmp_path):
+    """The reported last-epoch score comes back from the saved adapter alone."""
+    output_dir = tmp_path / "out"
+    files = task_files(tmp_path, "stsb")
+    run_glue.main(argv_for(model_dir, tmp_path, "stsb", output_dir, "--prune_scope", "global", files=files))
+    results = read_results(output_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    reloaded = PeftModel.from_pretrained(base, output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    rows = [json.loads(line) for line in files["validation_file"].read_text().splitlines()]
+    features = [tokenizer(r["sentence1"], r["sentence2"], truncation=True, max_length=128) for r in rows]
+    with torch.no_grad():  # one batch padded like the Trainer's collator pads it
+        scores = reloaded(**DataCollatorWithPadding(tokenizer)(features)).logits.flatten().tolist()
+
+    expected = glue_metrics("stsb", scores, [r["label"] for r in rows])["pearson"]
+    assert results["metrics"]["pearson"] == pytest.approx(expected, abs=1e-6)
+    assert sum(results["ranks"].values()) == 2 * len(results["ranks"])
+
+
+def test_yaml_supplies_defaults_and_flags_override(model_dir, tmp_path):
+    files = task_files(tmp_path, "sst2")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {model_dir}\ntask_name: sst2\ntrain_file: {files['train_file']}\n"
+        f"validation_file: {files['validation_file']}\nlearning_rate: 4e-4\nlora_r: 8\nprune_target_rank: 4\n"
+        "num_train_epochs: 2\nsave_strategy: 'no'\nseed: 7\n"
+    )
+    output_dir = tmp_path / "out"
+    run_glue.main(["--config", str(config), "--output_dir", str(output_dir), "--prune_target_rank", "3"])
+    results = read_results(output_dir)
+    assert results["config"]["config_file"] == str(config)
+    assert results["config"]["training"]["learning_rate"] == 4e-4  # from YAML, string parsed as a float
+    assert results["seed"] == 7
+    assert set(results["ranks"].values()) == {3}  # the flag beat the YAML value
+
+
+def test_resume_from_a_stage2_checkpoint(model_dir, tmp_path):
+    files = task_files(tmp_path, "rte")
+    output_dir = tmp_path / "out"
+    argv = argv_for(model_dir, tmp_path, "rte", output_dir, "--save_strategy", "epoch", "--save_total_limit", "3",
+                    "--num_train_epochs", "4", "--stage1_ratio", "0.25", files=files)
+    run_glue.main(argv)
+    complete = read_results(output_dir)
+    checkpoints = sorted((output_dir / "stage2").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) == 3
+    (output_dir / "results.json").unlink()
+
+    run_glue.main(argv + ["--resume_from_checkpoint", str(checkpoints[0])])
+    resumed = read_results(output_dir)
+    assert resumed["ranks"] == complete["ranks"]
+    assert resumed["stage1_ranks"] == complete["stage1_ranks"]
+    assert resumed["metrics"]["accuracy"] == pytest.approx(complete["metrics"]["accuracy"])
+    assert resumed["metrics"]["loss"] == pytest.approx(complete["metrics"]["loss"], rel=1e-4)
+
+
+BAD_INPUTS = {
+    "unknown task": (["--task_name", "wnli"], "unknown task 'wnli'"),
+    "unknown flag": (["--lora_rank", "8"], "unrecognized argument"),
+    "ratio at 1": (["--prune_target_rank", None, "--prune_ratio", "1.0"], "--prune_ratio must be in [0, 1)"),
+    "missing file": (["--train_file", "nowhere.jsonl"], "data file not found: nowhere.jsonl"),
+    "unknown method": (["--method", "dora"], "unknown method 'dora'"),
+    "target above r0": (["--prune_target_rank", "9"], "--prune_target_rank must be in [1, --lora_r=8], got 9"),
+}
+
+
+@pytest.fixture
+def earlier_output(tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "results.json").write_text('{"earlier": true}')
+    return output_dir
+
+
+def assert_one_line_failure(argv, expected, capsys, earlier_output):
+    assert run_cli(run_glue.main, argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0]
+    assert (earlier_output / "results.json").read_text() == '{"earlier": true}'
+    assert [p.name for p in earlier_output.iterdir()] == ["results.json"]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_in_one_line_and_keeps_earlier_output(model_dir, tmp_path, capsys, earlier_output, case):
+    override, expected = BAD_INPUTS[case]
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true")
+    for flag, value in zip(override[::2], override[1::2]):
+        index = argv.index(flag) if flag in argv else None
+        if index is not None:
+            del argv[index : index + 2]
+        if value is not None:
+            argv += [flag, value]
+    assert_one_line_failure(argv, expected, capsys, earlier_output)
+
+
+def test_non_empty_output_folder_is_refused(model_dir, tmp_path, capsys, earlier_output):
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output)
+    assert_one_line_failure(argv, "is not empty", capsys, earlier_output)
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"sentence1": "good movie", "label": 1, "idx": 0}, "row 3 has no value for 'sentence2'"),
+        ({"sentence1": "good", "sentence2": "bad", "label": 2, "idx": 0}, "row 3 has label 2; rte expects a class id"),
+    ],
+)
+def test_malformed_row_is_named(model_dir, tmp_path, capsys, earlier_output, row, expected):
+    files = task_files(tmp_path, "rte")
+    rows = glue_rows("rte", 2, 0) + [row]
+    files["train_file"] = write_jsonl(tmp_path / "bad.jsonl", rows)
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true", files=files)
+    assert_one_line_failure(argv, expected, capsys, earlier_output)
+
+
+def test_unknown_yaml_key_is_named(model_dir, tmp_path, capsys, earlier_output):
+    config = tmp_path / "bad.yaml"
+    config.write_text("task_name: rte\nlearning_rat: 1e-3\n")
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--config", str(config))
+    assert_one_line_failure(argv, f"unknown key(s) in {config}: learning_rat", capsys, earlier_output)
