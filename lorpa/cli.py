@@ -36,7 +36,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     Returns one instance per dataclass type, then the config path (or None).
     """
     parser = HfArgumentParser(dataclass_types, description=description)
-    parser.error = _raise_usage_error  # argparse would print the whole (very long) usage first
+    parser.error = raise_usage_error  # argparse would print the whole (very long) usage first
     parser.add_argument("--config", default=None, help="YAML file of flag values; flags given here override it")
     parser.set_defaults(**(defaults or {}))
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -65,7 +65,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     return (*outputs, config_path)
 
 
-def _raise_usage_error(message: str):
+def raise_usage_error(message: str):
     raise UsageError(message)
 
 

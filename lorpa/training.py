@@ -12,6 +12,7 @@ stage-2 checkpoint (pruned shapes) can be resumed in a new process.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -119,6 +120,14 @@ def adapter_ranks(model: torch.nn.Module) -> dict[str, int]:
     return {name: layer.r[model.active_adapter] for name, layer in lora_layers(model).items()}
 
 
+def pruning_summary(report: PruneReport, process_index: int) -> str:
+    """One line per process; equal digests show every replica kept the same components."""
+    kept = json.dumps({name: module.kept for name, module in report.modules.items()}, sort_keys=True)
+    before, after = sum(report.old_ranks.values()), sum(report.ranks.values())
+    digest = hashlib.sha256(kept.encode()).hexdigest()[:16]
+    return f"[process {process_index}] pruned {before} -> {after} rank components; kept-set digest {digest}"
+
+
 def train_stages(
     *,
     load_model: Callable[[], torch.nn.Module],
@@ -178,6 +187,7 @@ def train_stages(
         if stage.name == "stage1":
             stage1_ranks = adapter_ranks(model)
             prune_report = prune(model, **prune_kwargs)
+            print(pruning_summary(prune_report, trainer.args.process_index), flush=True)
             trainer.save_model(str(Path(output_dir, PRUNED_ADAPTER_DIR)))
             if trainer.is_world_process_zero():
                 write_json_atomic(Path(output_dir, PRUNE_REPORT_FILE), prune_report.to_dict())

@@ -1,0 +1,113 @@
+"""train.sh: the offline demo path, table sweeps that skip and resume, and 2-process CPU DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
+
+from lorpa import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = "--max_train_samples 32 --max_eval_samples 16 --max_seq_length 32 --num_train_epochs 2 --disable_tqdm true"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"))
+
+
+def train_sh(*args, env=None):
+    environment = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(["bash", str(ROOT / "train.sh"), *args], capture_output=True, text=True, env=environment)
+
+
+def test_default_demo_runs_both_methods_and_prints_the_table(model_dir, tmp_path):
+    flags = SMALL + " --lora_r 8 --lora_alpha 16 --prune_target_rank 2"
+    done = train_sh("--runs_dir", str(tmp_path), env={"LORPA_DEMO_MODEL": str(model_dir), "LORPA_DEMO_FLAGS": flags})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lorpa_run = json.loads((tmp_path / "lorpa/results.json").read_text())
+    lora_run = json.loads((tmp_path / "lora/results.json").read_text())
+    assert set(lorpa_run["ranks"].values()) == {2} and set(lorpa_run["stage1_ranks"].values()) == {8}
+    assert lora_run["method"] == "lora" and set(lora_run["ranks"].values()) == {8}
+    assert lora_run["stages"][0]["epochs"] == sum(stage["epochs"] for stage in lorpa_run["stages"])
+    assert "LoRPA" in done.stdout and "LoRA" in done.stdout  # the table went to the terminal
+    assert (tmp_path / "summary.md").is_file()
+    assert (tmp_path / "lorpa/rank_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = train_sh("--runs_dir", str(tmp_path), env={"LORPA_DEMO_MODEL": str(model_dir), "LORPA_DEMO_FLAGS": flags})
+    assert again.returncode == 0 and again.stdout.count("done already") == 2
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch, model_dir):
+    """A two-task 'paper table' of tiny configs in the layout of configs/glue/roberta-base."""
+    root = tmp_path / "configs"
+    (root / "lora_r4").mkdir(parents=True)
+    for task in ("rte", "sst2"):
+        train = write_jsonl(tmp_path / f"{task}-train.jsonl", glue_rows(task, 16, 0))
+        validation = write_jsonl(tmp_path / f"{task}-validation.jsonl", glue_rows(task, 8, 1))
+        common = (f"model_name_or_path: {model_dir}\ntask_name: {task}\ntrain_file: {train}\n"
+                  f"validation_file: {validation}\nnum_train_epochs: 2\nsave_strategy: epoch\ndisable_tqdm: true\n")
+        (root / f"{task}.yaml").write_text(common + "method: lorpa\nlora_r: 8\nprune_target_rank: 2\n")
+        (root / "lora_r4" / f"{task}.yaml").write_text(common + "method: lora\nlora_r: 4\n")
+    monkeypatch.setitem(launch.TABLES, "glue-base", root)
+    return root
+
+
+def test_table_sweep_skips_finished_cells_and_resumes_interrupted_ones(table, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    finished = runs / "lora_r4/rte/seed1"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text("{}")
+    interrupted = runs / "lorpa/sst2/seed1/stage1/checkpoint-2"
+    interrupted.mkdir(parents=True)
+    commands = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **kwargs: commands.append(command))
+
+    launch.main(["--table", "glue-base", "--seeds", "1", "--runs_dir", str(runs)])
+
+    runs_started = {c[c.index("--output_dir") + 1]: c for c in commands if "--output_dir" in c}
+    assert set(runs_started) == {str(runs / p) for p in ("lorpa/rte/seed1", "lorpa/sst2/seed1", "lora_r4/sst2/seed1")}
+    resumed = runs_started[str(runs / "lorpa/sst2/seed1")]
+    assert resumed[resumed.index("--resume_from_checkpoint") + 1] == "latest"
+    assert all("--seed" in c and c[c.index("--seed") + 1] == "1" for c in runs_started.values())
+    assert commands[-1][-3:] == ["-m", "lorpa.report", str(runs)]
+
+
+def test_table_sweep_end_to_end_then_resume_is_a_no_op(table, tmp_path):
+    runs = tmp_path / "runs"
+    launch.main(["--table", "glue-base", "--seeds", "1", "--runs_dir", str(runs), "--methods", "lorpa"])
+    results = sorted(p.relative_to(runs).as_posix() for p in runs.rglob("results.json"))
+    assert results == ["lorpa/rte/seed1/results.json", "lorpa/sst2/seed1/results.json"]
+    summary = (runs / "summary.md").read_text()
+    assert "RTE" in summary and "SST-2" in summary
+
+
+def test_two_process_cpu_ddp_prunes_identically_and_writes_one_result(model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", glue_rows("sst2", 32, 0))
+    validation = write_jsonl(tmp_path / "validation.jsonl", glue_rows("sst2", 8, 1))
+    output_dir = tmp_path / "ddp"
+    done = train_sh(
+        "configs/glue/smoke.yaml", "--nproc", "2", "--model_name_or_path", str(model_dir),
+        "--train_file", str(train), "--validation_file", str(validation), "--modules_to_save", "classifier",
+        "--prune_scope", "global", "--num_train_epochs", "2", "--disable_tqdm", "true", "--output_dir", str(output_dir),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[process ")]
+    assert sorted(line.split("]")[0] for line in lines) == ["[process 0", "[process 1"]
+    assert len({line.split("digest ")[1] for line in lines}) == 1
+    assert done.stdout.count("results: ") == 1
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["config"]["training"]["per_device_train_batch_size"] == 16  # the smoke config's 32, split in two
+    assert sum(results["ranks"].values()) == 4 * len(results["ranks"])
+
+
+def test_unknown_table_is_refused():
+    done = train_sh("--table", "glue-huge")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: argument --table: invalid choice: 'glue-huge'")
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,93 @@
+import matplotlib.image
+import numpy as np
+import pytest
+
+from lorpa.plots import module_thresholds, plot_prune_report, rank_grid
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def prune_report(new_ranks: dict[str, int], old_rank=16, scope="module"):
+    """A report shaped like PruneReport.to_dict(): scores spanning five decades, one zero per module,
+    and the top `new_rank` components kept."""
+    modules = {}
+    for offset, (name, new_rank) in enumerate(new_ranks.items()):
+        scores = [0.0] + [10 ** (-5 + 5 * i / old_rank) * (1 + offset / 10) for i in range(1, old_rank)]
+        kept = sorted(range(old_rank), key=lambda i: -scores[i])[:new_rank]
+        modules[name] = {"old_rank": old_rank, "new_rank": new_rank, "old_alpha": 2 * old_rank,
+                         "new_alpha": 2 * new_rank, "kept": sorted(kept), "scores": scores}
+    return {"score": "magnitude", "scope": scope, "rewind": "none", "modules": modules}
+
+
+ROBERTA = {
+    f"base_model.model.roberta.encoder.layer.{layer}.attention.self.{kind}": 1 + 2 * layer + (kind == "value")
+    for layer in range(3) for kind in ("query", "value")
+}
+
+BART = {
+    f"base_model.model.model.{stack}.layers.{layer}.{kind}": 1 + 6 * layer + index
+    for layer in range(2)
+    for index, (stack, kind) in enumerate([
+        ("encoder", "self_attn.q_proj"), ("encoder", "self_attn.v_proj"),
+        ("decoder", "self_attn.q_proj"), ("decoder", "self_attn.v_proj"),
+        ("decoder", "encoder_attn.q_proj"), ("decoder", "encoder_attn.v_proj"),
+    ])
+}
+
+
+def test_roberta_ranks_land_in_their_layer_and_kind():
+    grid = rank_grid(prune_report(ROBERTA))
+    assert grid.rows == ["0", "1", "2"]
+    assert grid.columns == ["query", "value"]
+    for layer in range(3):
+        assert grid.new_rank[layer, 0] == 1 + 2 * layer
+        assert grid.new_rank[layer, 1] == 2 + 2 * layer
+    assert np.all(grid.old_rank == 16)
+
+
+def test_bart_separates_encoder_decoder_and_cross_attention():
+    grid = rank_grid(prune_report(BART))
+    assert grid.rows == ["0", "1"]
+    assert grid.columns == ["enc q_proj", "enc v_proj", "dec q_proj", "dec v_proj", "cross q_proj", "cross v_proj"]
+    assert grid.new_rank.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+
+
+def test_same_last_name_part_gets_distinct_columns_and_gaps_stay_empty():
+    names = {
+        "roberta.encoder.layer.0.attention.output.dense": 3,
+        "roberta.encoder.layer.0.output.dense": 4,
+        "roberta.encoder.layer.1.intermediate.dense": 5,
+    }
+    grid = rank_grid(prune_report(names))
+    assert grid.columns == ["attention.output.dense", "output.dense", "intermediate.dense"]
+    assert grid.new_rank[0, :2].tolist() == [3, 4] and grid.new_rank[1, 2] == 5
+    assert np.isnan(grid.new_rank[0, 2]) and np.isnan(grid.new_rank[1, 0])
+
+
+def test_names_without_layer_index_get_one_row_each():
+    grid = rank_grid(prune_report({"pooler.dense": 2, "classifier.dense": 5}))
+    assert grid.rows == ["pooler.dense", "classifier.dense"]
+    assert grid.columns == ["rank"]
+    assert grid.new_rank[:, 0].tolist() == [2, 5]
+
+
+def test_threshold_is_the_highest_pruned_score_per_module():
+    report = prune_report({"a.layer.0.q": 4, "a.layer.0.v": 16})
+    scores = report["modules"]["a.layer.0.q"]["scores"]
+    assert module_thresholds(report) == {"a.layer.0.q": sorted(scores)[-5]}
+
+
+@pytest.mark.parametrize(("names", "scope"), [(ROBERTA, "global"), (BART, "module")])
+def test_plot_is_a_readable_png(tmp_path, names, scope):
+    path = plot_prune_report(prune_report(names, scope=scope), tmp_path / "rank_plot.png")
+    assert path == tmp_path / "rank_plot.png"
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_report_without_modules_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no modules"):
+        empty = {"score": "magnitude", "scope": "module", "rewind": "none", "modules": {}}
+        plot_prune_report(empty, tmp_path / "x.png")

@@ -1,0 +1,196 @@
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from lorpa.cli import run_cli
+from lorpa.plots import plot_prune_report
+from lorpa.report import format_params, main, row_label
+
+MODULES = [f"roberta.encoder.layer.{layer}.attention.self.{kind}" for layer in range(2) for kind in ("query", "value")]
+
+# best-checkpoint values (0-1 scale) per (method, task), one per seed 0, 1, 2
+LORA = {"mrpc": [0.80, 0.82, 0.84], "cola": [0.60, 0.61, 0.65]}
+LORPA = {"mrpc": [0.85, 0.86, 0.90], "cola": [0.63, 0.63, 0.63]}
+METRIC = {"mrpc": "accuracy", "cola": "matthews_correlation"}
+
+
+def record(method, task, seed, value, params, ranks, stage1_ranks=None, scope=None, lora_r=8):
+    """A results.json as lorpa.results.results_record writes it (stages trimmed)."""
+    best = {"epoch": 3.0, "step": 30, "loss": 0.4, METRIC[task]: value}
+    if task == "mrpc":
+        best["f1"] = 0.99  # the table must show MRPC accuracy, not F1
+    return {
+        "task": task, "model": "roberta-base", "method": method, "seed": seed, "main_metric": METRIC[task],
+        "metrics": {**best, METRIC[task]: value - 0.1}, "best_metrics": best, "trainable_params": params,
+        "ranks": ranks, "stage1_ranks": stage1_ranks,
+        "prune": None if scope is None else {"score": "magnitude", "scope": scope, "rewind": "none"},
+        "train_runtime_s": 10.0, "stages": [],
+        "config": {"lora_r": lora_r, "prune_target_rank": 8 if method == "lorpa" else None, "prune_ratio": None,
+                   "prune_scope": scope or "module"},
+    }
+
+
+def prune_report(ranks):
+    modules = {name: {"old_rank": 64, "new_rank": r, "old_alpha": 128, "new_alpha": 2 * r,
+                      "kept": list(range(r)), "scores": [1.0 / (i + 1) for i in range(64)]}
+               for name, r in ranks.items()}
+    return {"score": "magnitude", "scope": "global", "rewind": "none", "modules": modules}
+
+
+def write(folder, data):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data) if isinstance(data, dict) else data)
+
+
+@pytest.fixture(scope="module")
+def run_tree(tmp_path_factory):
+    """Runs for two methods x two tasks x three seeds plus one single-seed run, with rank plots drawn once."""
+    root = tmp_path_factory.mktemp("template") / "runs"
+    global_ranks = dict(zip(MODULES, [4, 12, 6, 10]))  # global scope: uneven, mean 8
+    for task in ("mrpc", "cola"):
+        for seed in range(3):
+            lora_params = 294_912 + 10_000 * (task == "cola")
+            write(root / f"lora-{task}-{seed}",
+                  record("lora", task, seed, LORA[task][seed], lora_params, dict.fromkeys(MODULES, 8)))
+            folder = root / "lorpa" / f"{task}-{seed}"
+            write(folder, record("lorpa", task, seed, LORPA[task][seed], 22_600 + 200 * (task == "cola"), global_ranks,
+                                 stage1_ranks=dict.fromkeys(MODULES, 64), scope="global", lora_r=64))
+            (folder / "prune_report.json").write_text(json.dumps(prune_report(global_ranks)))
+            plot_prune_report(prune_report(global_ranks), folder / "rank_plot.png")
+    write(root / "full-mrpc", record("full", "mrpc", 0, 0.88, 125_000_000, {}))
+    return root
+
+
+@pytest.fixture
+def runs(run_tree, tmp_path):
+    """A private copy (modification times kept, so the plots stay up to date)."""
+    return Path(shutil.copytree(run_tree, tmp_path / "runs"))
+
+
+def table_rows(markdown):
+    """{method label: [cells after the label]} of the Markdown table."""
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_markdown_cells_are_mean_and_sample_std(runs, capsys):
+    assert run_cli(main, [str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out == (runs / "summary.md").read_text()
+    rows = table_rows(out)
+    assert rows["Method"] == ["# Params", "MRPC", "CoLA", "Avg.", "Seeds"]  # the paper's task order
+    # MRPC 80, 82, 84 -> 82.0 ± 2.0; CoLA 60, 61, 65 -> 62.0 ± sqrt((4 + 1 + 9) / 2) = 2.6; Avg. (82 + 62) / 2
+    assert rows["LoRA r=8"] == ["0.3M", "82.0±2.0", "62.0±2.6", "72.0", "3"]
+    # MRPC 85, 86, 90 -> 87.0 ± 2.6; CoLA 63 x3 -> 63.0 ± 0.0; params (22.6K x3 + 22.8K x3) / 6
+    assert rows["LoRPA 64→8 (global)"] == ["22.7K", "87.0±2.6", "63.0±0.0", "75.0", "3"]
+    # one seed: mean only; a row without every task gets no Avg.
+    assert rows["Full FT"] == ["125.0M", "88.0", "", "", "1"]
+    assert list(rows)[1:] == ["Full FT", "LoRA r=8", "LoRPA 64→8 (global)"]
+
+
+def test_last_metric_uses_the_last_evaluation(runs, capsys):
+    assert run_cli(main, [str(runs), "--metric", "last"]) == 0
+    assert table_rows(capsys.readouterr().out)["LoRA r=8"][1:3] == ["72.0±2.0", "52.0±2.6"]
+
+
+def test_csv_holds_unrounded_means_and_stds(runs, tmp_path):
+    prefix = tmp_path / "out" / "table"
+    assert run_cli(main, [str(runs), "--out", str(prefix)]) == 0
+    rows = {row["method"]: row for row in csv.DictReader((tmp_path / "out" / "table.csv").open())}
+    lora = rows["LoRA r=8"]
+    assert float(lora["MRPC mean"]) == pytest.approx(82.0)
+    assert float(lora["MRPC std"]) == pytest.approx(2.0)
+    assert float(lora["CoLA std"]) == pytest.approx(7 ** 0.5)
+    assert lora["CoLA n"] == "3"
+    assert float(lora["avg"]) == pytest.approx(72.0)
+    assert float(lora["params"]) == pytest.approx(299_912)
+    assert rows["Full FT"]["MRPC std"] == "" and rows["Full FT"]["CoLA mean"] == "" and rows["Full FT"]["avg"] == ""
+
+
+def test_markdown_links_each_lorpa_rank_plot(runs, tmp_path):
+    for plot in runs.rglob("rank_plot.png"):
+        plot.unlink()
+    prefix = tmp_path / "reports" / "summary"
+    assert run_cli(main, [str(runs), "--out", str(prefix)]) == 0
+    markdown = (tmp_path / "reports" / "summary.md").read_text()
+    for task, name in (("mrpc", "MRPC"), ("cola", "CoLA")):
+        for seed in range(3):
+            plot = runs / "lorpa" / f"{task}-{seed}" / "rank_plot.png"
+            assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            link = os.path.relpath(plot, prefix.parent)
+            assert f"- LoRPA 64→8 (global), {name}, seed {seed}: [rank_plot.png]({link})" in markdown
+    assert markdown.count("rank_plot.png](") == 6  # LoRA and full runs have no plot
+
+
+def test_stale_plot_is_redrawn(runs):
+    folder = runs / "lorpa" / "mrpc-0"
+    stale = folder / "rank_plot.png"
+    stale.write_bytes(b"old")
+    report_time = (folder / "prune_report.json").stat().st_mtime
+    os.utime(stale, (report_time - 60, report_time - 60))
+    fresh = runs / "lorpa" / "mrpc-1" / "rank_plot.png"
+    fresh_time = fresh.stat().st_mtime_ns
+    assert run_cli(main, [str(runs)]) == 0
+    assert matplotlib.image.imread(stale).ndim == 3
+    assert fresh.stat().st_mtime_ns == fresh_time
+
+
+def test_malformed_files_are_skipped_with_one_warning_each(runs, capsys):
+    write(runs / "broken", "{not json")
+    bad = record("lora", "mrpc", 3, 0.5, 1, dict.fromkeys(MODULES, 8))
+    del bad["best_metrics"]
+    write(runs / "no-best", bad)
+    assert run_cli(main, [str(runs)]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"warning: skipping {runs / 'broken' / 'results.json'}: unreadable JSON")
+    assert warnings[1] == f"warning: skipping {runs / 'no-best' / 'results.json'}: field 'best_metrics' missing"
+    assert table_rows(captured.out)["LoRA r=8"][1] == "82.0±2.0"
+
+
+def test_summarization_gets_its_own_table_with_rouge_columns(tmp_path, capsys):
+    for seed, rouge2 in enumerate([21.0, 22.0]):
+        data = record("lora", "mrpc", seed, 0.0, 400_000, dict.fromkeys(MODULES, 8))
+        data.update(task="xsum", model="facebook/bart-large",
+                    best_metrics={"rouge1": 44.0, "rouge2": rouge2, "rougeL": 36.0, "rougeLsum": 36.5})
+        write(tmp_path / f"xsum-{seed}", data)
+    write(tmp_path / "rte", {**record("lora", "mrpc", 0, 0.7, 1, dict.fromkeys(MODULES, 8)), "task": "rte"})
+    assert run_cli(main, [str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "## GLUE: roberta-base" in out and "## Summarization: facebook/bart-large" in out
+    summary = out.split("## Summarization")[1]
+    rows = table_rows(summary)
+    assert rows["Method"] == ["# Params", "XSum R-1", "XSum R-2", "XSum R-L", "XSum R-Lsum", "Seeds"]
+    assert rows["LoRA r=8"] == ["0.4M", "44.00±0.00", "21.50±0.71", "36.00±0.00", "36.50±0.00", "2"]
+
+
+def test_empty_folder_exits_2(tmp_path, capsys):
+    assert run_cli(main, [str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no results.json found below {tmp_path}\n"
+    assert not (tmp_path / "summary.md").exists()
+
+
+@pytest.mark.parametrize(("count", "text"),
+                         [(294_912, "0.3M"), (22_700, "22.7K"), (125_000_000, "125.0M"), (950, "950")])
+def test_parameter_counts_read_like_the_paper(count, text):
+    assert format_params(count) == text
+
+
+@pytest.mark.parametrize(("fields", "label"), [
+    ({"method": "full", "ranks": {}}, "Full FT"),
+    ({"method": "lora", "ranks": {"a": 256, "b": 256}}, "LoRA r=256"),
+    ({"method": "lorpa", "stage1_ranks": {"a": 256, "b": 256}, "ranks": {"a": 8, "b": 8},
+      "prune": {"score": "magnitude", "scope": "module", "rewind": "none"}}, "LoRPA 256→8"),
+    ({"method": "lorpa", "stage1_ranks": {"a": 16, "b": 16}, "ranks": {"a": 1, "b": 7},
+      "prune": {"score": "random", "scope": "global", "rewind": "init"}}, "LoRPA 16→4 (global, random, rewind=init)"),
+    ({"method": "adalora", "ranks": {"a": 3, "b": 9}, "config": {"adalora_target_r": 8}}, "AdaLoRA r=8"),
+])
+def test_row_labels_name_method_and_rank_budget(fields, label):
+    assert row_label(fields)[1] == label
