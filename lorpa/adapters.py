@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import peft
 from peft import AdaLoraConfig, LoraConfig
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+)
 from transformers import TrainerCallback
 
 from .arguments import MethodArguments
+from .cli import UsageError
 from .rewind import get_peft_model
 
 
@@ -38,6 +43,20 @@ def adalora_config(args: MethodArguments, task_type: str, total_steps: int) -> A
         tinit=int(args.adalora_tinit_ratio * total_steps),
         tfinal=int(args.adalora_tfinal_ratio * total_steps),
     )
+
+
+def check_target_modules(model_type: str, args: MethodArguments) -> None:
+    """peft knows default target modules only for some model types; for the others they must be named."""
+    if args.method == "full" or args.lora_target_modules:
+        return
+    if args.method == "adalora":
+        defaults = TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
+    else:
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    if model_type not in defaults:
+        raise UsageError(
+            f"peft has no default target modules for model type {model_type!r}; pass --lora_target_modules"
+        )
 
 
 def attach_adapters(model, args: MethodArguments, task_type: str, total_steps: int):

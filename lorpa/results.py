@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .outputs import write_json_atomic
@@ -42,6 +43,15 @@ def results_record(outcome: TrainingOutcome, *, task: str, model: str, method: s
         "stages": outcome.stages,
         "config": config,
     }
+
+
+def run_config(config_path: str | None, training_args, *argument_groups) -> dict:
+    """Everything that defined a run, for results.json: the YAML file, every script flag, the TrainingArguments."""
+    config = {"config_file": config_path}
+    for group in argument_groups:
+        config.update(dataclasses.asdict(group))
+    config["training"] = training_args.to_dict()
+    return config
 
 
 def write_results(output_dir: str, record: dict) -> Path:
