@@ -7,6 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BartConfig, BartForConditionalGeneration, RobertaConfig, RobertaForSequenceClassification
 
+from lorpa.cli import run_cli
+
 torch.set_num_threads(1)
 
 
@@ -53,3 +55,21 @@ def bart_pair():
 def token_batch():
     torch.manual_seed(2)
     return {"input_ids": torch.randint(3, 120, (3, 11)), "attention_mask": torch.ones(3, 11, dtype=torch.long)}
+
+
+@pytest.fixture
+def earlier_output(tmp_path):
+    """An output folder from an earlier run, which a failing run must leave exactly as it was."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "results.json").write_text('{"earlier": true}')
+    return output_dir
+
+
+def assert_one_line_failure(main, argv, expected, capsys, earlier_output):
+    """Bad input: exit status 2, a single `error: ...` line naming the problem, earlier output intact."""
+    assert run_cli(main, argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0]
+    assert (earlier_output / "results.json").read_text() == '{"earlier": true}'
+    assert [p.name for p in earlier_output.iterdir()] == ["results.json"]

@@ -9,6 +9,7 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from conftest import assert_one_line_failure
 from tiny_assets import WORDS, sentence, write_jsonl, write_tiny_bart, write_tokenizer
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -24,7 +25,7 @@ from transformers import (
 import lorpa
 import run_summarization
 from lorpa.arguments import MethodArguments, ModelArguments
-from lorpa.cli import parse_args, run_cli
+from lorpa.cli import parse_args
 from lorpa.generation import MergedGenerationTrainer, merged_adapters
 from lorpa.summarization import (
     SummarizationDataArguments,
@@ -244,22 +245,6 @@ def test_encoder_decoder_prunes_named_targets_including_cross_attention(bert2ber
     assert any("crossattention" in name for name in ranks) and set(ranks.values()) == {2}
 
 
-@pytest.fixture
-def earlier_output(tmp_path):
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    (output_dir / "results.json").write_text('{"earlier": true}')
-    return output_dir
-
-
-def assert_one_line_failure(argv, expected, capsys, earlier_output):
-    assert run_cli(run_summarization.main, argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0]
-    assert (earlier_output / "results.json").read_text() == '{"earlier": true}'
-    assert [p.name for p in earlier_output.iterdir()] == ["results.json"]
-
-
 BAD_ROWS = {
     "missing column": ([{"document": "good movie", "highlights": "good"}], "no column 'summary'"),
     "null cell": ([{"document": "good", "summary": "good"}, {"document": None, "summary": "bad"}],
@@ -274,7 +259,7 @@ def test_bad_file_fails_in_one_line_and_keeps_earlier_output(model_dir, data_fil
     rows, expected = BAD_ROWS[case]
     files = dict(data_files, train_file=write_jsonl(tmp_path / "bad.jsonl", rows))
     argv = argv_for(model_dir, earlier_output, files, "--overwrite_output_dir", "true")
-    assert_one_line_failure(argv, f"{files['train_file']}: {expected}", capsys, earlier_output)
+    assert_one_line_failure(run_summarization.main, argv, f"{files['train_file']}: {expected}", capsys, earlier_output)
 
 
 BAD_FLAGS = {
@@ -291,18 +276,18 @@ def test_bad_flag_fails_in_one_line_and_keeps_earlier_output(model_dir, data_fil
                                                               earlier_output, case):
     flags, expected = BAD_FLAGS[case]
     argv = argv_for(model_dir, earlier_output, data_files, "--overwrite_output_dir", "true", *flags)
-    assert_one_line_failure(argv, expected, capsys, earlier_output)
+    assert_one_line_failure(run_summarization.main, argv, expected, capsys, earlier_output)
 
 
 def test_only_one_local_file_is_refused(model_dir, data_files, capsys, earlier_output):
     files = {"train_file": data_files["train_file"]}
     argv = argv_for(model_dir, earlier_output, files, "--overwrite_output_dir", "true")
-    assert_one_line_failure(argv, "both --train_file and --validation_file", capsys, earlier_output)
+    assert_one_line_failure(run_summarization.main, argv, "both --train_file and --validation_file", capsys, earlier_output)
 
 
 def test_missing_target_modules_are_asked_for(bert2bert_dir, data_files, capsys, earlier_output):
     argv = argv_for(bert2bert_dir, earlier_output, data_files, "--overwrite_output_dir", "true")
-    assert_one_line_failure(argv, "no default target modules for model type 'encoder-decoder'", capsys, earlier_output)
+    assert_one_line_failure(run_summarization.main, argv, "no default target modules for model type 'encoder-decoder'", capsys, earlier_output)
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "summarization"
