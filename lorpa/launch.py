@@ -129,6 +129,7 @@ def demo(runs_dir: Path, nproc: int) -> None:
     run_cell(DEMO_CONFIG, runs_dir / "lorpa", flags + extra, nproc)
     run_cell(DEMO_CONFIG, runs_dir / "lora", flags + lora_flags + extra, nproc)
     report(runs_dir)
+    print(f"\ntable: {runs_dir / 'summary.md'}\nrank plot: {runs_dir / 'lorpa' / 'rank_plot.png'}")
 
 
 def table_cells(table: str, methods: list[str]):
@@ -156,12 +157,14 @@ def sweep(table: str, seeds: list[int], methods: list[str], runs_dir: Path, flag
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="train.sh", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="train.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.error = raise_usage_error
     parser.add_argument("config", nargs="?", help="a YAML config to run (omit for the offline demo)")
     parser.add_argument("--table", choices=TABLES, help="run every cell of a paper table")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds for --table")
-    parser.add_argument("--methods", default="lorpa,lora", help="comma-separated methods for --table")
+    parser.add_argument("--methods", default="lorpa,lora", help="comma-separated methods for --table (lorpa, lora)")
     parser.add_argument("--nproc", type=int, default=None, help="processes (GPUs); default: all visible GPUs")
     parser.add_argument("--runs_dir", default=None, help="where runs go (default: runs/<demo|table|config>)")
     args, flags = parser.parse_known_args(argv)

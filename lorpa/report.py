@@ -341,10 +341,16 @@ def _warn_duplicates(table: Table) -> None:
             _warn(f"{row}, {task_name(task)}, seed {seed} has {len(folders)} runs, all averaged: {where}")
 
 
+def model_title(model: str) -> str:
+    """Hub ids as they are; a local folder by its last two path parts (site-packages paths are long)."""
+    path = Path(model)
+    return "/".join(path.parts[-2:]) if path.is_absolute() else model
+
+
 def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: Path) -> str:
     lines = []
     for table, body in zip(tables, rows):
-        lines += [f"## {table.benchmark}: {table.model}", "", *markdown_table(table, body), "",
+        lines += [f"## {table.benchmark}: {model_title(table.model)}", "", *markdown_table(table, body), "",
                   _caption(table, metric), *plot_links(table, md_path.parent), ""]
     return "\n".join(lines)
 
