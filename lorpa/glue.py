@@ -73,7 +73,10 @@ def load_glue(args: GlueDataArguments, cache_dir: str | None = None) -> DatasetD
         splits = DatasetDict({split: read_data_file(path, cache_dir) for split, path in files.items()})
     else:
         files = {split: f"glue/{task.name} ({split})" for split in ("train", *task.eval_splits)}
-        splits = load_dataset("glue", task.name, cache_dir=cache_dir)
+        try:
+            splits = load_dataset("nyu-mll/glue", task.name, cache_dir=cache_dir)
+        except Exception as error:  # offline, hub errors: several exception types
+            raise UsageError(f"could not load dataset glue/{task.name}: {str(error).strip().splitlines()[0]}") from error
         splits = DatasetDict({split: splits[split] for split in files})
     for split, dataset in splits.items():
         if split == "test":  # GLUE test sets carry label -1: they are predicted, never scored
