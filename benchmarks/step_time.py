@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
 import statistics
 import tempfile
 import time
@@ -98,14 +97,16 @@ def interleaved_medians(runs: dict[str, tuple[Stepper, list]], steps: int) -> di
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def resident_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+def status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process. (ru_maxrss would not do: it keeps the peak of the forking parent.)"""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
 
 
 def peak_memory(variant, size, batch_size, seq_len, device_name, queue):
     """Peak memory of building and training one variant, above what the imports alone hold."""
     device = torch.device(device_name)
-    baseline = resident_mib()
+    baseline = status_mib("VmRSS")
     stepper = Stepper(build(variant, size), device)
     batch = random_batch(batch_size, seq_len, device)
     if device.type == "cuda":
@@ -115,7 +116,7 @@ def peak_memory(variant, size, batch_size, seq_len, device_name, queue):
     if device.type == "cuda":
         queue.put(torch.cuda.max_memory_allocated() / 2**20)
     else:
-        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline)
+        queue.put(status_mib("VmHWM") - baseline)
 
 
 def measure_memory(variant, args, device_name) -> float:
@@ -154,10 +155,10 @@ def main():
     print(f"device={device}, threads={torch.get_num_threads()}, size={args.size}, batch={args.batch_size}x{args.seq_len}, "
           f"median of {args.steps} interleaved steps")
 
+    memory = {} if args.skip_memory else {v: measure_memory(v, args, device.type) for v in VARIANTS}
     steppers = {variant: Stepper(build(variant, args.size), device) for variant in VARIANTS}
     batches = [random_batch(args.batch_size, args.seq_len, device) for _ in range(2)]
     medians = interleaved_medians({name: (stepper, batches) for name, stepper in steppers.items()}, args.steps)
-    memory = {} if args.skip_memory else {v: measure_memory(v, args, device.type) for v in VARIANTS}
     unit = "MiB max allocated" if device.type == "cuda" else "MiB peak RSS over imports"
     print(f"\n{'variant':<14}{'trainable':>12}{'step s':>9}{'vs lora r=8':>13}" + (f"{unit:>22}" if memory else ""))
     for variant, stepper in steppers.items():
