@@ -158,7 +158,10 @@ def sweep(table: str, seeds: list[int], methods: list[str], runs_dir: Path, flag
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="train.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="train.sh",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # else a passed-through `--seed 1` would be taken as `--seeds 1`
     )
     parser.error = raise_usage_error
     parser.add_argument("config", nargs="?", help="a YAML config to run (omit for the offline demo)")

@@ -110,3 +110,12 @@ def test_unknown_table_is_refused():
     assert done.returncode == 2
     assert done.stderr.startswith("error: argument --table: invalid choice: 'glue-huge'")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_single_config_passes_script_flags_through(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    launch.main([str(ROOT / "configs/glue/smoke.yaml"), "--seed", "3", "--model_name_or_path", "m"])
+    (command,) = commands
+    assert command[command.index("--seed") + 1] == "3"
+    assert command[command.index("--model_name_or_path") + 1] == "m"
