@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from .arguments import MethodArguments
 from .cli import UsageError
-from .rewind import get_peft_model
+from . import rewind
 
 
 def lora_config(args: MethodArguments, task_type: str) -> LoraConfig:
@@ -60,12 +60,17 @@ def check_target_modules(model_type: str, args: MethodArguments) -> None:
 
 
 def attach_adapters(model, args: MethodArguments, task_type: str, total_steps: int):
-    """The model to train: the bare model for `full`, else a PeftModel (injection values recorded)."""
+    """The model to train: the bare model for `full`, else a PeftModel.
+
+    Injection-time values are copied only when `--rewind init` will need them.
+    """
     if args.method == "full":
         return model
     if args.method == "adalora":
         return peft.get_peft_model(model, adalora_config(args, task_type, total_steps))
-    return get_peft_model(model, lora_config(args, task_type))
+    if args.method == "lorpa" and args.rewind == "init":
+        return rewind.get_peft_model(model, lora_config(args, task_type))
+    return peft.get_peft_model(model, lora_config(args, task_type))
 
 
 class AdaLoraAllocationCallback(TrainerCallback):

@@ -42,9 +42,9 @@ def read_config(config: Path) -> dict:
     return yaml.safe_load(config.read_text()) or {}
 
 
-def script_for(config: Path) -> Path:
+def script_for(values: dict) -> Path:
     """GLUE configs name a task; summarization configs name a dataset or text columns."""
-    return ROOT / ("run_glue.py" if "task_name" in read_config(config) else "run_summarization.py")
+    return ROOT / ("run_glue.py" if "task_name" in values else "run_summarization.py")
 
 
 def visible_gpus() -> int:
@@ -62,12 +62,13 @@ def packaged_minilm() -> str:
 
 def command_for(config: Path, flags: list[str], nproc: int) -> list[str]:
     """The command for one run; a config that names no model runs the packaged MiniLM."""
-    script = script_for(config)
-    if "model_name_or_path" not in read_config(config) and "--model_name_or_path" not in flags:
+    values = read_config(config)
+    script = script_for(values)
+    if "model_name_or_path" not in values and "--model_name_or_path" not in flags:
         flags = ["--model_name_or_path", packaged_minilm()] + flags
     if nproc > 1:
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(script)]
-        flags = per_device_batch(read_config(config), nproc) + flags
+        flags = per_device_batch(values, nproc) + flags
         if not visible_gpus():  # DDP over gloo; without it the Trainer runs each process alone
             flags = ["--use_cpu", "true"] + flags
     else:

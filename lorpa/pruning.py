@@ -51,15 +51,6 @@ class PruneReport:
     def old_ranks(self) -> dict[str, int]:
         return {name: m.old_rank for name, m in self.modules.items()}
 
-    @property
-    def threshold(self) -> float:
-        """The highest score that was pruned (-inf when nothing was)."""
-        highest = -math.inf
-        for module in self.modules.values():
-            kept = set(module.kept)
-            highest = max([highest] + [s for i, s in enumerate(module.scores) if i not in kept])
-        return highest
-
     def to_dict(self) -> dict:
         return asdict(self)
 

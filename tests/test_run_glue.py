@@ -217,3 +217,10 @@ def test_csv_and_tsv_files_load_in_the_glue_schema(tmp_path, suffix, delimiter):
     splits = load_glue(args)
     assert splits["train"]["sentence"] == [row["sentence"] for row in rows]
     assert splits["validation"]["label"] == [row["label"] for row in rows]
+
+
+def test_rewind_init_runs_through_the_script(model_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--rewind", "init"))
+    results = read_results(output_dir)
+    assert results["prune"]["rewind"] == "init" and set(results["ranks"].values()) == {2}
