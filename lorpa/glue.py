@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
@@ -14,6 +15,13 @@ from .metrics import GLUE_TASKS, GlueTask, glue_metrics
 @dataclass
 class GlueDataArguments:
     task_name: str = field(metadata={"help": f"One of {', '.join(GLUE_TASKS)}"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of local copies in the hub's schema, read instead of the hub: "
+            "DATA_DIR/glue/<task>/train.jsonl and <validation split>.jsonl (MNLI: validation_matched, validation_mismatched)"
+        },
+    )
     train_file: str | None = field(default=None, metadata={"help": "Local CSV/TSV/JSON Lines file instead of the hub"})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file (MNLI: matched)"})
     validation_mismatched_file: str | None = field(default=None, metadata={"help": "MNLI mismatched validation file"})
@@ -33,11 +41,23 @@ class GlueDataArguments:
             raise UsageError(f"unknown task {self.task_name!r}; choose one of {', '.join(GLUE_TASKS)}")
         if self.max_seq_length < 1:
             raise UsageError(f"--max_seq_length must be positive, got {self.max_seq_length}")
+        if self.data_dir is not None and not self.train_file:
+            self._use_data_dir()
         local = (self.train_file, self.validation_file)
         if any(local) and not all(local):
             raise UsageError("local data needs both --train_file and --validation_file")
         if self.task_name == "mnli" and self.train_file and not self.validation_mismatched_file:
             raise UsageError("local MNLI data needs --validation_mismatched_file as well")
+
+    def _use_data_dir(self) -> None:
+        folder = Path(self.data_dir, "glue", self.task_name)
+        if not folder.is_dir():
+            raise UsageError(f"--data_dir {self.data_dir}: no folder {folder} (expected glue/<task>/train.jsonl etc.)")
+        eval_splits = GLUE_TASKS[self.task_name].eval_splits
+        self.train_file = str(folder / "train.jsonl")
+        self.validation_file = str(folder / f"{eval_splits[0]}.jsonl")
+        if len(eval_splits) > 1:
+            self.validation_mismatched_file = str(folder / f"{eval_splits[1]}.jsonl")
 
     @property
     def task(self) -> GlueTask:
