@@ -4,6 +4,7 @@ from .layers import lora_layers
 from .pruning import ModulePruning, PruneReport, check_prune_arguments, prune
 from .rewind import get_peft_model, init_state_dict, load_init_state_dict, record_init
 from .scoring import rank_scores
+from .sensitivity import SensitivityCallback, update_sensitivity
 
 __all__ = [
     "ModulePruning",
@@ -16,4 +17,6 @@ __all__ = [
     "prune",
     "rank_scores",
     "record_init",
+    "SensitivityCallback",
+    "update_sensitivity",
 ]

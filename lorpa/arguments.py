@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .cli import UsageError
+from .lowrank import SVD_SPLITS
 from .pruning import REWINDS, SCOPES
 from .scoring import SCORES
 
@@ -42,7 +43,22 @@ class MethodArguments:
         default=None,
         metadata={"help": "Extra modules trained in full and saved with the adapter (the task head always is)"},
     )
-    stage1_ratio: float = field(default=0.2, metadata={"help": "Fraction of the epochs trained before pruning"})
+    stage1_ratio: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of the epochs trained at r0 before pruning; 1.0 prunes after the whole budget"},
+    )
+    stage2_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Epochs of retraining after the (last) prune; default: the epochs left (none at stage1_ratio 1.0)"},
+    )
+    prune_schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": "Iterative pruning, 'FRACTION:RANK,...' (e.g. 0.1:32,0.15:16,0.2:8: after 10%% of the epochs "
+            "prune to 32, ...); each prune is followed by a fresh optimizer and schedule. Replaces "
+            "--stage1_ratio and --prune_target_rank"
+        },
+    )
     prune_target_rank: int | None = field(
         default=None, metadata={"help": f"Ranks kept per module (default {PAPER_TARGET_RANK} if no prune_ratio)"}
     )
@@ -53,6 +69,13 @@ class MethodArguments:
         default=None, metadata={"help": "lora_alpha after pruning; absent: keep each module's alpha/r"}
     )
     rewind: str = field(default="none", metadata={"help": f"One of {', '.join(REWINDS)}"})
+    svd_split: str = field(
+        default="balanced",
+        metadata={"help": f"With --prune_score svd, how S is shared by the new factors: one of {', '.join(SVD_SPLITS)}"},
+    )
+    sensitivity_beta: float = field(
+        default=0.85, metadata={"help": "With --prune_score sensitivity, the moving-average factor (AdaLoRA's 0.85)"}
+    )
     min_rank: int = field(default=1, metadata={"help": "No module is pruned below this rank (global scope)"})
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA's average target rank"})
     adalora_tinit_ratio: float = field(default=0.1, metadata={"help": "AdaLoRA warm-up before budgeting, as a fraction of steps"})
@@ -65,17 +88,51 @@ class MethodArguments:
             raise UsageError("give --prune_target_rank or --prune_ratio, not both")
         if self.prune_ratio is not None and not 0 <= self.prune_ratio < 1:
             raise UsageError(f"--prune_ratio must be in [0, 1), got {self.prune_ratio}")
-        if self.method == "lorpa" and not 0 < self.stage1_ratio < 1:
-            raise UsageError(f"--stage1_ratio must be in (0, 1), got {self.stage1_ratio}")
+        if self.method == "lorpa" and not 0 < self.stage1_ratio <= 1:
+            raise UsageError(f"--stage1_ratio must be in (0, 1], got {self.stage1_ratio}")
+        if self.stage2_epochs is not None and self.stage2_epochs < 0:
+            raise UsageError(f"--stage2_epochs must be >= 0, got {self.stage2_epochs}")
         if self.lora_r < 1:
             raise UsageError(f"--lora_r must be a positive integer, got {self.lora_r}")
-        if self.method == "lorpa" and self.prune_kwargs(0)["target_rank"] not in (None, *range(1, self.lora_r + 1)):
+        if self.svd_split not in SVD_SPLITS:
+            raise UsageError(f"unknown --svd_split {self.svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
+        if not 0 <= self.sensitivity_beta < 1:
+            raise UsageError(f"--sensitivity_beta must be in [0, 1), got {self.sensitivity_beta}")
+        if self.prune_schedule is not None:
+            if self.prune_target_rank is not None or self.prune_ratio is not None:
+                raise UsageError("--prune_schedule sets the ranks; drop --prune_target_rank / --prune_ratio")
+            self.schedule()  # validates
+        if (
+            self.method == "lorpa"
+            and self.prune_schedule is None
+            and self.prune_kwargs(0)["target_rank"] not in (None, *range(1, self.lora_r + 1))
+        ):
             raise UsageError(f"--prune_target_rank must be in [1, --lora_r={self.lora_r}], got {self.prune_target_rank}")
         if self.method == "adalora":
             if not 0 <= self.adalora_tinit_ratio + self.adalora_tfinal_ratio < 1:
                 raise UsageError("--adalora_tinit_ratio + --adalora_tfinal_ratio must be below 1")
             if not 0 < self.adalora_target_r < self.lora_r:
                 raise UsageError(f"--adalora_target_r must be in [1, --lora_r), got {self.adalora_target_r}")
+
+    def schedule(self) -> list[tuple[float, int | None]]:
+        """(fraction of the epochs after which to prune, target rank) per prune; None: the prune flags decide."""
+        if self.prune_schedule is None:
+            return [(self.stage1_ratio, None)]
+        steps = []
+        for item in self.prune_schedule.split(","):
+            try:
+                fraction, rank = item.split(":")
+                steps.append((float(fraction), int(rank)))
+            except ValueError:
+                raise UsageError(
+                    f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. 0.1:32,0.15:16,0.2:8)"
+                ) from None
+        fractions, ranks = [f for f, _ in steps], [r for _, r in steps]
+        if not all(a < b for a, b in zip([0.0] + fractions, fractions)) or fractions[-1] > 1:
+            raise UsageError(f"--prune_schedule fractions must increase within (0, 1], got {fractions}")
+        if not all(a > b for a, b in zip([self.lora_r + 1] + ranks, ranks)) or ranks[-1] < 1:
+            raise UsageError(f"--prune_schedule ranks must decrease from at most --lora_r={self.lora_r} to >= 1, got {ranks}")
+        return steps
 
     def prune_kwargs(self, seed: int) -> dict:
         """Keyword arguments for `lorpa.prune`."""
@@ -91,4 +148,5 @@ class MethodArguments:
             "alpha": "keep_scaling" if self.pruned_alpha is None else self.pruned_alpha,
             "rewind": self.rewind,
             "seed": seed,
+            "svd_split": self.svd_split,
         }

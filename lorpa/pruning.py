@@ -17,8 +17,10 @@ from peft import PeftModel
 from torch import nn
 
 from .layers import factors, lora_layers, resolve_adapter, unwrap
+from .lowrank import SVD_SPLITS, relative_error, singular_factors
 from .rewind import SNAPSHOT_ATTR, init_snapshot
 from .scoring import SCORES, rank_scores
+from .sensitivity import SENSITIVITY_ATTR, tracked_sensitivity
 
 SCOPES = ("module", "global")
 REWINDS = ("none", "init")
@@ -34,6 +36,7 @@ class ModulePruning:
     new_alpha: float
     kept: list[int]
     scores: list[float]
+    relative_error: float  # ‖ΔW_before − ΔW_after‖_F / ‖ΔW_before‖_F, scaling included
 
 
 @dataclass
@@ -41,6 +44,7 @@ class PruneReport:
     score: str
     scope: str
     rewind: str
+    svd_split: str | None = None
     modules: dict[str, ModulePruning] = field(default_factory=dict)
 
     @property
@@ -50,6 +54,10 @@ class PruneReport:
     @property
     def old_ranks(self) -> dict[str, int]:
         return {name: m.old_rank for name, m in self.modules.items()}
+
+    @property
+    def mean_relative_error(self) -> float:
+        return sum(m.relative_error for m in self.modules.values()) / len(self.modules)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +105,15 @@ def _agree_across_processes(kept: dict[str, torch.Tensor], ranks: dict[str, int]
     return agreed
 
 
+def _agree_on_factors(rotated: dict[str, tuple]) -> None:
+    """Give every process rank 0's singular factors: SVDs may differ in the last bit across devices."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for new_A, new_B, _ in rotated.values():
+        dist.broadcast(new_A, src=0)
+        dist.broadcast(new_B, src=0)
+
+
 def _pruned_alpha(layer, adapter_name: str, new_rank: int, alpha) -> float:
     if alpha != "keep_scaling":
         return alpha
@@ -108,10 +125,13 @@ def _pruned_alpha(layer, adapter_name: str, new_rank: int, alpha) -> float:
     return int(new_alpha) if float(new_alpha).is_integer() else new_alpha
 
 
-def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, rewind: str) -> None:
-    """Keep components `kept` of the layer's A rows / B columns and recompute its scaling as peft does."""
+def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, rewind: str, rotated=None) -> None:
+    """Keep components `kept` of the layer's A rows / B columns and recompute its scaling as peft does.
+
+    `rotated`: (A, B) of the same update in its singular basis, whose components are kept instead.
+    """
     lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-    source_A, source_B = factors(layer, adapter_name)
+    source_A, source_B = factors(layer, adapter_name) if rotated is None else rotated
     snapshot = init_snapshot(layer, adapter_name)
     if rewind == "init":
         source_A, source_B = (t.to(device=source_A.device, dtype=source_A.dtype) for t in snapshot)
@@ -123,6 +143,13 @@ def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, re
     lora_A.out_features = lora_B.in_features = len(kept)
     if snapshot is not None:
         layer.__dict__[SNAPSHOT_ATTR][adapter_name] = (snapshot[0][kept].clone(), snapshot[1][:, kept].clone())
+    sensitivity = tracked_sensitivity(layer, adapter_name)
+    if sensitivity is not None:  # rotated components have no history of their own
+        averages = layer.__dict__[SENSITIVITY_ATTR]
+        if rotated is None:
+            averages[adapter_name] = sensitivity[kept.to(sensitivity.device)].clone()
+        else:
+            del averages[adapter_name]
 
     new_rank = len(kept)
     layer.r[adapter_name] = new_rank
@@ -157,6 +184,7 @@ def check_prune_arguments(
     alpha: str | float = "keep_scaling",
     rewind: str = "none",
     seed: int | None = None,
+    svd_split: str = "balanced",
     adapter_name: str | None = None,
 ):
     """Validate `prune`'s arguments against `model` without touching it (run scripts call this
@@ -181,6 +209,10 @@ def check_prune_arguments(
         raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
     if rewind not in REWINDS:
         raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
+    if svd_split not in SVD_SPLITS:
+        raise ValueError(f"unknown svd_split {svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
+    if score == "svd" and rewind == "init":
+        raise ValueError("rewind='init' cannot follow score='svd': the kept singular directions have no initial values")
     if not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
     if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
@@ -219,6 +251,7 @@ def prune(
     alpha: str | float = "keep_scaling",
     rewind: str = "none",
     seed: int | None = None,
+    svd_split: str = "balanced",
     adapter_name: str | None = None,
 ) -> PruneReport:
     """Drop the lowest-scoring rank components of every LoRA module, in place.
@@ -229,13 +262,25 @@ def prune(
     alpha: "keep_scaling" keeps each module's alpha/r, so the output changes by exactly the removed
         components; a number sets a new lora_alpha everywhere (the paper's pruned alpha).
     rewind: "none" keeps trained values (the paper); "init" resets survivors to injection-time values.
+    score: "magnitude" (the paper), "elementwise" (the authors' code), "random", "sensitivity"
+        (tracked during training by `SensitivityCallback`), or "svd": each adapter is first rewritten
+        in the singular basis of its update and the largest singular directions are kept, so each
+        pruned update is the best rank-k approximation of the old one (`svd_split` says how √S is
+        shared between A and B).
     The optimizer must be rebuilt afterwards: the LoRA parameters are new tensors.
     """
     model, adapter_name, layers = check_prune_arguments(
         model, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-        alpha=alpha, rewind=rewind, seed=seed, adapter_name=adapter_name,
+        alpha=alpha, rewind=rewind, seed=seed, svd_split=svd_split, adapter_name=adapter_name,
     )
-    scores = rank_scores(model, score, seed=seed, adapter_name=adapter_name)
+    before = {name: (*factors(layer, adapter_name), layer.scaling[adapter_name]) for name, layer in layers.items()}
+    rotated = {}
+    if score == "svd":
+        rotated = {name: singular_factors(a, b, svd_split) for name, (a, b, _) in before.items()}
+        scores = {name: (abs(before[name][2]) * sigma).cpu() for name, (_, _, sigma) in rotated.items()}
+        _agree_on_factors(rotated)
+    else:
+        scores = rank_scores(model, score, seed=seed, adapter_name=adapter_name)
     ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
     counts = {name: _kept_count(r, target_rank, ratio, min_rank) for name, r in ranks.items()}
     if scope == "module":
@@ -245,18 +290,22 @@ def prune(
     device = factors(next(iter(layers.values())), adapter_name)[0].device
     kept = _agree_across_processes(kept, ranks, device)
 
-    report = PruneReport(score=score, scope=scope, rewind=rewind)
+    report = PruneReport(score=score, scope=scope, rewind=rewind, svd_split=svd_split if score == "svd" else None)
     for name, layer in layers.items():
         indices = torch.sort(kept[name]).values
         new_alpha = _pruned_alpha(layer, adapter_name, len(indices), alpha)
+        old_alpha = layer.lora_alpha[adapter_name]
+        source = rotated[name][:2] if name in rotated else None
+        _shrink_layer(layer, adapter_name, indices, new_alpha, rewind, source)
+        after = (*factors(layer, adapter_name), layer.scaling[adapter_name])
         report.modules[name] = ModulePruning(
             old_rank=ranks[name],
             new_rank=len(indices),
-            old_alpha=layer.lora_alpha[adapter_name],
+            old_alpha=old_alpha,
             new_alpha=new_alpha,
             kept=indices.tolist(),
             scores=scores[name].tolist(),
+            relative_error=relative_error(before[name], after),
         )
-        _shrink_layer(layer, adapter_name, indices, new_alpha, rewind)
     _update_config(model, adapter_name, report)
     return report

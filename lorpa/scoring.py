@@ -1,7 +1,9 @@
 """Importance scores for the rank components of LoRA adapters.
 
 Component i of an adapter is the rank-1 matrix B[:, i] ⊗ A[i, :]. A score is one number per
-component; pruning keeps the highest-scoring ones.
+component; pruning keeps the highest-scoring ones. The `svd` score is the exception that changes the
+components: it scores the singular directions of ΔW = s·B·A, which `prune` first rotates the adapter
+into (see `lowrank.singular_factors`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import torch
 from torch import nn
 
 from .layers import factors, lora_layers, resolve_adapter, unwrap
+from .lowrank import singular_factors
+from .sensitivity import tracked_sensitivity
 
-SCORES = ("magnitude", "elementwise", "random")
+SCORES = ("magnitude", "elementwise", "random", "svd", "sensitivity")
 
 
 def magnitude_scores(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
@@ -39,13 +43,19 @@ def random_scores(rank: int, seed: int, module_name: str) -> torch.Tensor:
     return torch.rand(rank, generator=generator)
 
 
+def svd_scores(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """|s|·σ_i: the singular values of ΔW, comparable across modules with different scalings."""
+    return abs(scaling) * singular_factors(lora_A, lora_B)[2]
+
+
 def rank_scores(
     model: nn.Module, score: str = "magnitude", *, seed: int | None = None, adapter_name: str | None = None
 ) -> dict[str, torch.Tensor]:
     """Score every rank component of every LoRA module: {full module name: float tensor of length r}.
 
     Scores are returned in float32 on the CPU so that ties and thresholds do not depend on the
-    training dtype or device.
+    training dtype or device. `svd` scores describe the singular basis, not the stored components;
+    `sensitivity` needs a `SensitivityCallback` (or `update_sensitivity`) during training.
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
@@ -56,6 +66,15 @@ def rank_scores(
         lora_A, lora_B = factors(layer, adapter_name)
         if score == "random":
             values = random_scores(lora_A.shape[0], 0 if seed is None else seed, name)
+        elif score == "svd":
+            values = svd_scores(lora_A, lora_B, layer.scaling[adapter_name])
+        elif score == "sensitivity":
+            values = tracked_sensitivity(layer, adapter_name)
+            if values is None:
+                raise ValueError(
+                    f"{name}: no sensitivity was tracked; train with lorpa.SensitivityCallback "
+                    "(or call lorpa.update_sensitivity before each optimizer step) before pruning"
+                )
         elif score == "elementwise":
             values = elementwise_scores(lora_A.float(), lora_B.float())
         else:

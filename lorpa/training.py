@@ -1,12 +1,15 @@
-"""The two-stage LoRPA schedule over any transformers Trainer, and the single-stage baselines.
+"""The LoRPA stage schedule over any transformers Trainer, and the single-stage baselines.
 
 lorpa:  stage1 (r0, `stage1_ratio` of the epochs) -> prune -> stage2 (fresh Trainer, so a fresh
-        optimizer and LR schedule, for the remaining epochs).
+        optimizer and LR schedule, for the remaining epochs, or `stage2_epochs`; none at
+        stage1_ratio 1.0, where the pruned adapter is only evaluated). `prune_schedule` puts
+        several prunes in a row: stage1 -> prune -> stage2 -> prune -> ... -> final stage.
 others: one stage, "train", for all epochs.
 
 Every stage trains in its own sub-folder of the output folder, so `--resume_from_checkpoint`
-can name a checkpoint of either stage; the pruned adapter is saved between the stages so that a
-stage-2 checkpoint (pruned shapes) can be resumed in a new process.
+can name a checkpoint of any stage; each pruned adapter is saved before the next stage starts so
+that a checkpoint with pruned shapes can be resumed in a new process. Each prune is followed by an
+evaluation of the pruned, not yet retrained model, so results show what the prune itself cost.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .cli import UsageError
 from .layers import lora_layers
 from .outputs import write_json_atomic
 from .pruning import PruneReport, check_prune_arguments, prune
+from .rewind import init_state_dict, load_init_state_dict
+from .sensitivity import SensitivityCallback, restore_sensitivity
 
 PRUNED_ADAPTER_DIR = "pruned_adapter"
 PRUNE_REPORT_FILE = "prune_report.json"
@@ -40,6 +45,8 @@ STAGE_SUMMARY_FILE = "stage_summary.json"
 class Stage:
     name: str
     epochs: float
+    prune_to: int | None = None  # target rank of the prune after this stage (None: the prune flags decide)
+    prunes: bool = False  # whether a prune follows this stage
 
 
 @dataclasses.dataclass
@@ -50,14 +57,28 @@ class TrainingOutcome:
     trainer: Trainer
     stages: list[dict]
     stage1_ranks: dict[str, int] | None
-    prune_report: PruneReport | dict | None
+    prune_report: PruneReport | dict | None  # the last prune's
+    prunes: list[dict] = dataclasses.field(default_factory=list)  # every prune: when, ranks, scores before/after
 
 
 def plan_stages(args: MethodArguments, num_train_epochs: float) -> list[Stage]:
     if args.method != "lorpa":
         return [Stage("train", num_train_epochs)]
-    stage1 = num_train_epochs * args.stage1_ratio
-    return [Stage("stage1", stage1), Stage("stage2", num_train_epochs - stage1)]
+    stages, done = [], 0.0
+    for index, (fraction, rank) in enumerate(args.schedule(), start=1):
+        stages.append(Stage(f"stage{index}", num_train_epochs * (fraction - done), prune_to=rank, prunes=True))
+        done = fraction
+    final = num_train_epochs * (1 - done) if args.stage2_epochs is None else args.stage2_epochs
+    return stages + [Stage(f"stage{len(stages) + 1}", final)]
+
+
+def prune_files(stages: list[Stage], index: int) -> tuple[str, str]:
+    """(adapter folder, report file) of the prune after stage `index`: the last prune's keep the
+    two-stage names, earlier ones are numbered by the stage they follow."""
+    last = max(i for i, stage in enumerate(stages) if stage.prunes)
+    if index == last:
+        return PRUNED_ADAPTER_DIR, PRUNE_REPORT_FILE
+    return f"{PRUNED_ADAPTER_DIR}_{index + 1}", f"prune_report_{index + 1}.json"
 
 
 def optimizer_steps(num_examples: int, training_args: TrainingArguments, epochs: float) -> int:
@@ -92,11 +113,16 @@ def find_resume_point(checkpoint: str | None, output_dir: str, stages: list[Stag
     return names.index(path.parent.name), str(path)
 
 
+def _metrics(entry: dict) -> dict:
+    """eval_* values with the prefix removed, without the timing keys."""
+    return {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and not re.search(r"(runtime|per_second|preparation_time)$", k)}
+
+
 def evaluation_history(trainer: Trainer) -> list[dict]:
     """One dict per evaluation: the Trainer's eval_* logs with the prefix removed, plus epoch and step."""
     history = {}
     for entry in trainer.state.log_history:
-        metrics = {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and not re.search(r"(runtime|per_second)$", k)}
+        metrics = _metrics(entry)
         if metrics:
             history.setdefault(entry["step"], {"epoch": entry.get("epoch"), "step": entry["step"]}).update(metrics)
     return list(history.values())
@@ -128,6 +154,25 @@ def pruning_summary(report: PruneReport, process_index: int) -> str:
     return f"[process {process_index}] pruned {before} -> {after} rank components; kept-set digest {digest}"
 
 
+def _resumed_init_snapshot(fresh_model: torch.nn.Module, reports: list[dict]) -> dict[str, torch.Tensor]:
+    """Injection-time values of the components that survived `reports`, for a resumed `rewind="init"`.
+
+    A freshly built model with the same seed has the same injection-time values; each report's
+    `kept` indices then pick the survivors, prune after prune.
+    """
+    state = init_state_dict(fresh_model)
+    for report in reports:
+        for name, module in report["modules"].items():
+            kept = torch.tensor(module["kept"])
+            state[f"{name}.lora_A"] = state[f"{name}.lora_A"][kept]
+            state[f"{name}.lora_B"] = state[f"{name}.lora_B"][:, kept]
+    return state
+
+
+def _trainer_state(checkpoint: str) -> dict:
+    return json.loads(Path(checkpoint, "trainer_state.json").read_text())
+
+
 def train_stages(
     *,
     load_model: Callable[[], torch.nn.Module],
@@ -137,18 +182,28 @@ def train_stages(
     task_type: str,
     num_train_examples: int,
 ) -> TrainingOutcome:
-    """Train every stage of the method, pruning between lorpa's two, and save the final model."""
+    """Train every stage of the method, pruning after each stage that `plan_stages` says, and save the final model."""
     output_dir = training_args.output_dir
     stages = plan_stages(method_args, training_args.num_train_epochs)
     start, checkpoint = find_resume_point(training_args.resume_from_checkpoint, output_dir, stages)
     prune_kwargs = method_args.prune_kwargs(training_args.seed)
+    track_sensitivity = method_args.method == "lorpa" and method_args.prune_score == "sensitivity"
+    total_steps = optimizer_steps(num_train_examples, training_args, training_args.num_train_epochs)
 
-    if start == 1:
-        model = PeftModel.from_pretrained(load_model(), Path(output_dir, PRUNED_ADAPTER_DIR), is_trainable=True)
-        prune_report = json.loads(Path(output_dir, PRUNE_REPORT_FILE).read_text())
-        stage1_ranks = {name: module["old_rank"] for name, module in prune_report["modules"].items()}
+    reports = [
+        json.loads(Path(output_dir, prune_files(stages, i)[1]).read_text()) for i in range(start) if stages[i].prunes
+    ]
+    if start > 0:
+        snapshot = None
+        if method_args.rewind == "init" and any(stage.prunes for stage in stages[start:]):
+            snapshot = _resumed_init_snapshot(attach_adapters(load_model(), method_args, task_type, total_steps), reports)
+        adapter_dir = Path(output_dir, prune_files(stages, start - 1)[0])
+        model = PeftModel.from_pretrained(load_model(), adapter_dir, is_trainable=True)
+        if snapshot is not None:
+            load_init_state_dict(model, snapshot)
+        prune_report = reports[-1]
+        stage1_ranks = {name: module["old_rank"] for name, module in reports[0]["modules"].items()}
     else:
-        total_steps = optimizer_steps(num_train_examples, training_args, training_args.num_train_epochs)
         model = attach_adapters(load_model(), method_args, task_type, total_steps)
         prune_report, stage1_ranks = None, None
         if method_args.method == "lorpa":
@@ -168,29 +223,51 @@ def train_stages(
         trainer = make_trainer(model, stage_args)
         if method_args.method == "adalora":
             trainer.add_callback(AdaLoraAllocationCallback())
+        resume = checkpoint if index == start else None
+        if track_sensitivity and stage.prunes:
+            trainer.add_callback(SensitivityCallback(method_args.sensitivity_beta))
+            if resume is not None:
+                restore_sensitivity(model, _trainer_state(resume))
         started = time.perf_counter()
-        trainer.train(resume_from_checkpoint=checkpoint if index == start else None)
-        if all(entry["step"] != trainer.state.global_step for entry in evaluation_history(trainer)):
-            trainer.evaluate()  # a stage that ends mid-epoch would otherwise end unevaluated
+        if stage.epochs > 0:
+            trainer.train(resume_from_checkpoint=resume)
+            if all(entry["step"] != trainer.state.global_step for entry in evaluation_history(trainer)):
+                trainer.evaluate()  # a stage that ends mid-epoch would otherwise end unevaluated
+            history = evaluation_history(trainer)
+        else:  # nothing to retrain: the stage is the pruned adapter as it is
+            history = [{"epoch": 0.0, "step": 0, **summaries[-1]["prune"]["after"]}]
         summary = {
             "name": stage.name,
             "epochs": stage.epochs,
             "train_runtime_s": time.perf_counter() - started,
             "trainable_params": count_trainable(model),
             "ranks": adapter_ranks(model),
-            "history": evaluation_history(trainer),
+            "history": history,
         }
+
+        if stage.prunes:
+            stage1_ranks = stage1_ranks or adapter_ranks(model)
+            kwargs = dict(prune_kwargs)
+            if stage.prune_to is not None:
+                kwargs.update(target_rank=stage.prune_to, ratio=None)
+            prune_report = prune(model, **kwargs)
+            print(pruning_summary(prune_report, trainer.args.process_index), flush=True)
+            adapter_dir, report_file = prune_files(stages, index)
+            trainer.save_model(str(Path(output_dir, adapter_dir)))
+            next_args = dataclasses.replace(stage_args, output_dir=str(Path(output_dir, stages[index + 1].name)))
+            after = _metrics(make_trainer(model, next_args).evaluate())
+            summary["prune"] = {
+                "ranks": prune_report.ranks,
+                "mean_relative_error": prune_report.mean_relative_error,
+                "before": {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
+                "after": after,
+            }
+            if trainer.is_world_process_zero():
+                write_json_atomic(Path(output_dir, report_file), prune_report.to_dict())
         summaries.append(summary)
         if trainer.is_world_process_zero():
             write_json_atomic(Path(stage_args.output_dir, STAGE_SUMMARY_FILE), summary)
 
-        if stage.name == "stage1":
-            stage1_ranks = adapter_ranks(model)
-            prune_report = prune(model, **prune_kwargs)
-            print(pruning_summary(prune_report, trainer.args.process_index), flush=True)
-            trainer.save_model(str(Path(output_dir, PRUNED_ADAPTER_DIR)))
-            if trainer.is_world_process_zero():
-                write_json_atomic(Path(output_dir, PRUNE_REPORT_FILE), prune_report.to_dict())
-
     trainer.save_model(output_dir)
-    return TrainingOutcome(model, trainer, summaries, stage1_ranks, prune_report)
+    prunes = [{"after_stage": s["name"], **s["prune"]} for s in summaries if "prune" in s]
+    return TrainingOutcome(model, trainer, summaries, stage1_ranks, prune_report, prunes)
