@@ -159,6 +159,13 @@ BAD_INPUTS = {
     "missing file": (["--train_file", "nowhere.jsonl"], "data file not found: nowhere.jsonl"),
     "unknown method": (["--method", "dora"], "unknown method 'dora'"),
     "target above r0": (["--prune_target_rank", "9"], "--prune_target_rank must be in [1, --lora_r=8], got 9"),
+    "schedule and target": (["--prune_schedule", "0.1:4"], "--prune_schedule sets the ranks"),
+    "schedule syntax": (["--prune_target_rank", None, "--prune_schedule", "0.1-4"], "'0.1-4' is not FRACTION:RANK"),
+    "schedule order": (["--prune_target_rank", None, "--prune_schedule", "0.2:4,0.1:2"], "fractions must increase"),
+    "schedule ranks": (["--prune_target_rank", None, "--prune_schedule", "0.1:4,0.2:6"], "ranks must decrease"),
+    "svd after rewind": (["--prune_score", "svd", "--rewind", "init"], "rewind='init' cannot follow score='svd'"),
+    "svd split": (["--svd_split", "left"], "unknown --svd_split 'left'"),
+    "stage1 ratio": (["--stage1_ratio", "1.5"], "--stage1_ratio must be in (0, 1]"),
 }
 
 
@@ -224,3 +231,59 @@ def test_rewind_init_runs_through_the_script(model_dir, tmp_path):
     run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--rewind", "init"))
     results = read_results(output_dir)
     assert results["prune"]["rewind"] == "init" and set(results["ranks"].values()) == {2}
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("extra", [
+    ["--prune_score", "sensitivity"],
+    ["--prune_score", "magnitude", "--rewind", "init"],
+])
+def test_a_prune_schedule_gives_the_scheduled_ranks_and_resumes_in_every_stage(model_dir, tmp_path, extra):
+    files = task_files(tmp_path, "rte", n_train=32)
+    output_dir = tmp_path / "out"
+    argv = argv_for(model_dir, tmp_path, "rte", output_dir, "--lora_r", "16", "--lora_alpha", "32",
+                    "--prune_schedule", "0.25:8,0.5:4,0.75:2", "--num_train_epochs", "4",
+                    "--save_strategy", "epoch", "--save_total_limit", "4", *extra, files=files)
+    index = argv.index("--prune_target_rank")
+    del argv[index: index + 2]  # the schedule sets the ranks
+    run_glue.main(argv)
+    complete = read_results(output_dir)
+    assert [(s["name"], set(s["ranks"].values())) for s in complete["stages"]] == [
+        ("stage1", {16}), ("stage2", {8}), ("stage3", {4}), ("stage4", {2})]
+    assert [(p["after_stage"], set(p["ranks"].values())) for p in complete["prunes"]] == [
+        ("stage1", {8}), ("stage2", {4}), ("stage3", {2})]
+    assert all(0 < p["mean_relative_error"] < 1 or extra[-1] == "init" for p in complete["prunes"])
+    assert set(complete["stage1_ranks"].values()) == {16}
+    final = adapter_tensors(output_dir)
+
+    for stage in ("stage1", "stage2", "stage3", "stage4"):
+        checkpoint = next((output_dir / stage).glob("checkpoint-*"))
+        (output_dir / "results.json").unlink()
+        run_glue.main(argv + ["--resume_from_checkpoint", str(checkpoint)])
+        resumed = read_results(output_dir)
+        assert resumed["prunes"] == complete["prunes"], stage
+        assert resumed["metrics"] == complete["metrics"], stage
+        tensors = adapter_tensors(output_dir)
+        assert all(torch.equal(tensors[k], final[k]) for k in final), stage
+
+
+def test_pruning_late_evaluates_the_pruned_adapter_without_retraining(model_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0", "--prune_score", "svd"))
+    results = read_results(output_dir)
+    assert [(s["name"], s["epochs"]) for s in results["stages"]] == [("stage1", 2.0), ("stage2", 0.0)]
+    (prune,) = results["prunes"]
+    assert results["best_metrics"]["accuracy"] == results["metrics"]["accuracy"] == prune["after"]["accuracy"]
+    assert prune["before"]["accuracy"] == results["stages"][0]["history"][-1]["accuracy"]
+    assert set(results["ranks"].values()) == {2} and results["prune"]["svd_split"] == "balanced"
+
+    retrained = tmp_path / "retrained"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", retrained, "--stage1_ratio", "1.0", "--stage2_epochs", "1"))
+    stages = read_results(retrained)["stages"]
+    assert [(s["name"], s["epochs"]) for s in stages] == [("stage1", 2.0), ("stage2", 1.0)]
+    assert stages[1]["history"][-1]["step"] > 0
