@@ -92,6 +92,18 @@ def _rank(record: dict, key: str, config_key: str) -> float:
     return configured
 
 
+def _schedule_notes(config: dict) -> list[str]:
+    """When the prunes happened, where that is not the paper's single prune after 20% of the epochs."""
+    if config.get("prune_schedule"):
+        return [f"schedule {config['prune_schedule']}"]
+    notes = []
+    if _number(config.get("stage1_ratio")) and config["stage1_ratio"] != 0.2:
+        notes.append(f"prune at {config['stage1_ratio']:.0%}")
+    if _number(config.get("stage2_epochs")):
+        notes.append(f"{config['stage2_epochs']:g} retraining epochs")
+    return notes
+
+
 def row_label(record: dict) -> tuple[tuple, str]:
     """(sort key, label) of the table row: method plus the rank budget that tells runs apart.
 
@@ -118,7 +130,9 @@ def row_label(record: dict) -> tuple[tuple, str]:
         rewind = prune.get("rewind", config.get("rewind", "none"))
         notes = ["global"] if scope == "global" else []
         notes += [score] if score != "magnitude" else []
+        notes += [f"{prune['svd_split']} split"] if prune.get("svd_split") not in (None, "balanced") else []
         notes += [f"rewind={rewind}"] if rewind != "none" else []
+        notes += _schedule_notes(config)
         suffix = f" ({', '.join(notes)})" if notes else ""
         return (order, start, end, tuple(notes)), f"LoRPA {_fmt_rank(start)}→{_fmt_rank(end)}{suffix}"
     return (order, method), method

@@ -45,8 +45,13 @@ STAGE_SUMMARY_FILE = "stage_summary.json"
 class Stage:
     name: str
     epochs: float
+    max_steps: int = -1  # >= 0: the stage's share of --max_steps, which overrides epochs
     prune_to: int | None = None  # target rank of the prune after this stage (None: the prune flags decide)
     prunes: bool = False  # whether a prune follows this stage
+
+    @property
+    def trains(self) -> bool:
+        return self.max_steps > 0 if self.max_steps >= 0 else self.epochs > 0
 
 
 @dataclasses.dataclass
@@ -61,15 +66,22 @@ class TrainingOutcome:
     prunes: list[dict] = dataclasses.field(default_factory=list)  # every prune: when, ranks, scores before/after
 
 
-def plan_stages(args: MethodArguments, num_train_epochs: float) -> list[Stage]:
+def plan_stages(args: MethodArguments, num_train_epochs: float, max_steps: int = -1) -> list[Stage]:
+    """The stages and the prune after each; with `max_steps` > 0 the steps are shared out instead of epochs."""
     if args.method != "lorpa":
-        return [Stage("train", num_train_epochs)]
+        return [Stage("train", num_train_epochs, max_steps)]
+
+    def steps_until(fraction: float) -> int:
+        return round(max_steps * fraction) if max_steps > 0 else 0
+
     stages, done = [], 0.0
     for index, (fraction, rank) in enumerate(args.schedule(), start=1):
-        stages.append(Stage(f"stage{index}", num_train_epochs * (fraction - done), prune_to=rank, prunes=True))
+        steps = steps_until(fraction) - steps_until(done) if max_steps > 0 else -1
+        stages.append(Stage(f"stage{index}", num_train_epochs * (fraction - done), steps, rank, prunes=True))
         done = fraction
-    final = num_train_epochs * (1 - done) if args.stage2_epochs is None else args.stage2_epochs
-    return stages + [Stage(f"stage{len(stages) + 1}", final)]
+    final_steps = max_steps - steps_until(done) if max_steps > 0 and args.stage2_epochs is None else -1
+    final_epochs = num_train_epochs * (1 - done) if args.stage2_epochs is None else args.stage2_epochs
+    return stages + [Stage(f"stage{len(stages) + 1}", final_epochs, final_steps)]
 
 
 def prune_files(stages: list[Stage], index: int) -> tuple[str, str]:
@@ -184,7 +196,7 @@ def train_stages(
 ) -> TrainingOutcome:
     """Train every stage of the method, pruning after each stage that `plan_stages` says, and save the final model."""
     output_dir = training_args.output_dir
-    stages = plan_stages(method_args, training_args.num_train_epochs)
+    stages = plan_stages(method_args, training_args.num_train_epochs, training_args.max_steps)
     start, checkpoint = find_resume_point(training_args.resume_from_checkpoint, output_dir, stages)
     prune_kwargs = method_args.prune_kwargs(training_args.seed)
     track_sensitivity = method_args.method == "lorpa" and method_args.prune_score == "sensitivity"
@@ -218,6 +230,7 @@ def train_stages(
             training_args,
             output_dir=str(Path(output_dir, stage.name)),
             num_train_epochs=stage.epochs,
+            max_steps=stage.max_steps,
             resume_from_checkpoint=None,
         )
         trainer = make_trainer(model, stage_args)
@@ -229,13 +242,14 @@ def train_stages(
             if resume is not None:
                 restore_sensitivity(model, _trainer_state(resume))
         started = time.perf_counter()
-        if stage.epochs > 0:
+        if stage.trains:
             trainer.train(resume_from_checkpoint=resume)
             if all(entry["step"] != trainer.state.global_step for entry in evaluation_history(trainer)):
                 trainer.evaluate()  # a stage that ends mid-epoch would otherwise end unevaluated
             history = evaluation_history(trainer)
         else:  # nothing to retrain: the stage is the pruned adapter as it is
-            history = [{"epoch": 0.0, "step": 0, **summaries[-1]["prune"]["after"]}]
+            metrics = summaries[-1]["prune"]["after"] if summaries else _metrics(trainer.evaluate())
+            history = [{"epoch": 0.0, "step": 0, **metrics}]
         summary = {
             "name": stage.name,
             "epochs": stage.epochs,
