@@ -6,6 +6,7 @@ Flag names are a public interface: configs and `train.sh` depend on them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .cli import UsageError
 from .lowrank import SVD_SPLITS
@@ -50,6 +51,13 @@ class MethodArguments:
     stage2_epochs: float | None = field(
         default=None,
         metadata={"help": "Epochs of retraining after the (last) prune; default: the epochs left (none at stage1_ratio 1.0)"},
+    )
+    stage1_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trained LoRA adapter folder taken as the end of stage 1 (e.g. a LoRA run at r0 with the same "
+            "settings and seed): it is evaluated and pruned, and the later stages follow"
+        },
     )
     prune_schedule: str | None = field(
         default=None,
@@ -98,6 +106,14 @@ class MethodArguments:
             raise UsageError(f"unknown --svd_split {self.svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
         if not 0 <= self.sensitivity_beta < 1:
             raise UsageError(f"--sensitivity_beta must be in [0, 1), got {self.sensitivity_beta}")
+        if self.stage1_adapter is not None:
+            if self.method != "lorpa":
+                raise UsageError("--stage1_adapter is for --method lorpa")
+            if not Path(self.stage1_adapter, "adapter_config.json").is_file():
+                raise UsageError(f"--stage1_adapter {self.stage1_adapter}: no adapter_config.json there; give a saved peft adapter folder")
+            if self.rewind == "init" or self.prune_score == "sensitivity":
+                raise UsageError("--stage1_adapter cannot be used with --rewind init or --prune_score sensitivity: "
+                                 "both need stage 1 to be trained here")
         if self.prune_schedule is not None:
             if self.prune_target_rank is not None or self.prune_ratio is not None:
                 raise UsageError("--prune_schedule sets the ranks; drop --prune_target_rank / --prune_ratio")

@@ -216,7 +216,10 @@ def train_stages(
         prune_report = reports[-1]
         stage1_ranks = {name: module["old_rank"] for name, module in reports[0]["modules"].items()}
     else:
-        model = attach_adapters(load_model(), method_args, task_type, total_steps)
+        if method_args.stage1_adapter is not None:
+            model = PeftModel.from_pretrained(load_model(), method_args.stage1_adapter, is_trainable=True)
+        else:
+            model = attach_adapters(load_model(), method_args, task_type, total_steps)
         prune_report, stage1_ranks = None, None
         if method_args.method == "lorpa":
             try:
@@ -242,12 +245,12 @@ def train_stages(
             if resume is not None:
                 restore_sensitivity(model, _trainer_state(resume))
         started = time.perf_counter()
-        if stage.trains:
+        if stage.trains and not (index == 0 and method_args.stage1_adapter):
             trainer.train(resume_from_checkpoint=resume)
             if all(entry["step"] != trainer.state.global_step for entry in evaluation_history(trainer)):
                 trainer.evaluate()  # a stage that ends mid-epoch would otherwise end unevaluated
             history = evaluation_history(trainer)
-        else:  # nothing to retrain: the stage is the pruned adapter as it is
+        else:  # nothing to train: the stage is the given or the pruned adapter as it is
             metrics = summaries[-1]["prune"]["after"] if summaries else _metrics(trainer.evaluate())
             history = [{"epoch": 0.0, "step": 0, **metrics}]
         summary = {

@@ -166,6 +166,7 @@ BAD_INPUTS = {
     "svd after rewind": (["--prune_score", "svd", "--rewind", "init"], "rewind='init' cannot follow score='svd'"),
     "svd split": (["--svd_split", "left"], "unknown --svd_split 'left'"),
     "stage1 ratio": (["--stage1_ratio", "1.5"], "--stage1_ratio must be in (0, 1]"),
+    "stage1 adapter": (["--stage1_adapter", "nowhere"], "--stage1_adapter nowhere: no adapter_config.json"),
 }
 
 
@@ -287,3 +288,19 @@ def test_pruning_late_evaluates_the_pruned_adapter_without_retraining(model_dir,
     stages = read_results(retrained)["stages"]
     assert [(s["name"], s["epochs"]) for s in stages] == [("stage1", 2.0), ("stage2", 1.0)]
     assert stages[1]["history"][-1]["step"] > 0
+
+
+def test_a_trained_lora_adapter_as_stage1_equals_training_stage1_here(model_dir, tmp_path):
+    files = task_files(tmp_path, "rte")
+    late = tmp_path / "late"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", late, "--stage1_ratio", "1.0", "--prune_score", "svd", files=files))
+    lora = tmp_path / "lora"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", lora, "--method", "lora", files=files))
+    reused = tmp_path / "reused"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", reused, "--stage1_ratio", "1.0", "--prune_score", "svd",
+                           "--stage1_adapter", str(lora), files=files))
+    trained, loaded = read_results(late), read_results(reused)
+    assert loaded["prunes"] == trained["prunes"]
+    assert loaded["stage1_ranks"] == trained["stage1_ranks"] and loaded["metrics"] == trained["metrics"]
+    final, reused_final = adapter_tensors(late), adapter_tensors(reused)
+    assert all(torch.equal(final[k], reused_final[k]) for k in final)
