@@ -1,5 +1,8 @@
 """Training-step time and peak memory: pruned LoRPA vs LoRA r=8 vs LoRA r=256 vs full fine-tuning.
 
+Also the cost of tracking sensitivity (`--prune_score sensitivity`) during stage 1: LoRA r=256 with
+`lorpa.update_sensitivity` before each optimizer step, as `SensitivityCallback` does, against plain r=256.
+
 All variants share one RoBERTa-base-shaped model with random weights (the cost of a step does not
 depend on the weights). The LoRPA variant is pruned 256 -> 8, saved, and loaded back from its
 adapter with plain peft, exactly as stage 2 or a user sees it. Steps are interleaved round-robin
@@ -30,7 +33,7 @@ SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
 }
-VARIANTS = ("lorpa 256->8", "lora r=8", "lora r=256", "full")
+VARIANTS = ("lorpa 256->8", "lora r=8", "lora r=256", "full", "r=256 +sens")
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/sst2/validation.jsonl"
 
 
@@ -49,7 +52,7 @@ def build(variant: str, size: str) -> torch.nn.Module:
         return base_model(size)
     if variant == "lora r=8":
         return lora(base_model(size), 8)
-    if variant == "lora r=256":
+    if variant in ("lora r=256", "r=256 +sens"):
         return lora(base_model(size), 256)
     model = lora(base_model(size), 256)
     lorpa.prune(model, target_rank=8)
@@ -61,15 +64,18 @@ def build(variant: str, size: str) -> torch.nn.Module:
 class Stepper:
     """One model with its optimizer, taking full training steps (forward, backward, AdamW)."""
 
-    def __init__(self, model, device):
+    def __init__(self, model, device, track_sensitivity=False):
         self.model = model.to(device).train()
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         self.device = device
+        self.track_sensitivity = track_sensitivity
 
     def step(self, batch) -> float:
         start = time.perf_counter()
         loss = self.model(**batch).loss
         loss.backward()
+        if self.track_sensitivity:
+            lorpa.update_sensitivity(self.model)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -107,7 +113,7 @@ def peak_memory(variant, size, batch_size, seq_len, device_name, queue):
     """Peak memory of building and training one variant, above what the imports alone hold."""
     device = torch.device(device_name)
     baseline = status_mib("VmRSS")
-    stepper = Stepper(build(variant, size), device)
+    stepper = Stepper(build(variant, size), device, track_sensitivity="sens" in variant)
     batch = random_batch(batch_size, seq_len, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -156,7 +162,7 @@ def main():
           f"median of {args.steps} interleaved steps")
 
     memory = {} if args.skip_memory else {v: measure_memory(v, args, device.type) for v in VARIANTS}
-    steppers = {variant: Stepper(build(variant, args.size), device) for variant in VARIANTS}
+    steppers = {variant: Stepper(build(variant, args.size), device, "sens" in variant) for variant in VARIANTS}
     batches = [random_batch(args.batch_size, args.seq_len, device) for _ in range(2)]
     medians = interleaved_medians({name: (stepper, batches) for name, stepper in steppers.items()}, args.steps)
     unit = "MiB max allocated" if device.type == "cuda" else "MiB peak RSS over imports"
@@ -167,6 +173,7 @@ def main():
         print(line + (f"{memory[variant]:>22.0f}" if memory else ""))
     total = 0.2 * medians["lora r=256"] + 0.8 * medians["lorpa 256->8"]
     print(f"\nwhole lorpa run (20% of steps at r=256, 80% pruned) vs lora r=8 run: {total / medians['lora r=8']:.3f}")
+    print(f"sensitivity tracking: r=256 +sens vs lora r=256 step: {medians['r=256 +sens'] / medians['lora r=256']:.3f}")
 
     if not args.skip_padding:
         lengths = sst2_lengths(args.batch_size, 4)
