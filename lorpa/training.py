@@ -16,12 +16,15 @@ import hashlib
 import json
 import math
 import re
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 
 from .adapters import AdaLoraAllocationCallback, attach_adapters
@@ -68,28 +71,108 @@ def optimizer_steps(num_examples: int, training_args: TrainingArguments, epochs:
     return max(1, math.ceil(epochs * math.ceil(batches / training_args.gradient_accumulation_steps)))
 
 
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed (None if it can).
+
+    The Trainer writes trainer_state.json last, so a folder without a readable one was cut off while
+    saving. Weight and optimizer files are checked for truncation by their headers, which is cheap.
+    """
+    try:
+        json.loads(Path(path, "trainer_state.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"no readable trainer_state.json ({type(error).__name__})"
+    weights = [Path(path, name) for name in WEIGHT_FILES if Path(path, name).is_file()]
+    if not weights:
+        return "no model weights"
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as error:  # safetensors raises its own error types for a damaged header
+                return f"{file.name} is damaged ({str(error).strip().splitlines()[0]})"
+    optimizer = Path(path, "optimizer.pt")
+    if optimizer.is_file():
+        try:
+            zipfile.ZipFile(optimizer).close()
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"optimizer.pt is damaged ({error})"
+    elif not any(Path(path).glob("global_step*")):  # DeepSpeed keeps its optimizer there
+        return "no optimizer.pt"
+    return None
+
+
 def find_resume_point(checkpoint: str | None, output_dir: str, stages: list[Stage]) -> tuple[int, str | None]:
     """(index of the stage to start in, checkpoint to resume it from).
 
-    `checkpoint` is a path to a `checkpoint-N` folder inside a stage folder, or "latest".
+    `checkpoint` is a path to a `checkpoint-N` folder inside a stage folder, or "latest": the newest
+    complete checkpoint of the latest stage that has one; incomplete ones (a run killed while saving)
+    are skipped with a message, and when all are incomplete the run starts from the beginning.
     """
     if checkpoint is None:
         return 0, None
     names = [stage.name for stage in stages]
     if checkpoint == "latest":
+        skipped = False
         for index in reversed(range(len(stages))):
             found = sorted(
                 Path(output_dir, names[index]).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
             )
-            if found:
-                return index, str(found[-1])
-        raise UsageError(f"no checkpoint to resume under {output_dir}")
+            for path in reversed(found):
+                problem = checkpoint_problem(path)
+                if problem is None:
+                    return index, str(path)
+                print(f"skipping incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+                skipped = True
+        if not skipped:
+            raise UsageError(f"no checkpoint to resume under {output_dir}")
+        print(f"no complete checkpoint under {output_dir}: training starts from the beginning", file=sys.stderr, flush=True)
+        return 0, None
     path = Path(checkpoint)
     if not path.is_dir():
         raise UsageError(f"checkpoint not found: {checkpoint}")
     if path.parent.name not in names:
         raise UsageError(f"checkpoint {checkpoint} is not inside a stage folder ({', '.join(names)})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UsageError(f"checkpoint {checkpoint} cannot be resumed: {problem}; resume from an earlier checkpoint "
+                         "or pass --resume_from_checkpoint latest, which skips broken ones")
     return names.index(path.parent.name), str(path)
+
+
+def load_pruned_stage(load_model: Callable[[], torch.nn.Module], output_dir: str, stages: list[Stage]):
+    """(model with the pruned adapter, prune report) saved between the stages, for resuming stage 2.
+
+    Anything missing or damaged is reported with the way out: stage 1's last checkpoint, from which the
+    pruning is redone deterministically.
+    """
+    stage1 = sorted(Path(output_dir, stages[0].name).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    usable = [p for p in stage1 if checkpoint_problem(p) is None]
+    remedy = (f"resume from stage 1 with --resume_from_checkpoint {usable[-1]} (the pruning is redone deterministically)"
+              if usable else "no stage-1 checkpoint is left to redo it from: start again with --overwrite_output_dir")
+    adapter = Path(output_dir, PRUNED_ADAPTER_DIR)
+    try:
+        prune_report = json.loads(Path(output_dir, PRUNE_REPORT_FILE).read_text())
+        stage1_ranks = {name: module["old_rank"] for name, module in prune_report["modules"].items()}
+        json.loads(Path(output_dir, stages[0].name, STAGE_SUMMARY_FILE).read_text())
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{output_dir}: the record of the pruning step is missing or damaged ({_describe(error)}); "
+                         f"{remedy}") from error
+    model = load_model()
+    try:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except Exception as error:  # missing folder, damaged safetensors, shape mismatch: many exception types
+        raise UsageError(f"{adapter} cannot be loaded ({_describe(error)}); {remedy}") from error
+    return model, prune_report, stage1_ranks
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def evaluation_history(trainer: Trainer) -> list[dict]:
@@ -144,9 +227,7 @@ def train_stages(
     prune_kwargs = method_args.prune_kwargs(training_args.seed)
 
     if start == 1:
-        model = PeftModel.from_pretrained(load_model(), Path(output_dir, PRUNED_ADAPTER_DIR), is_trainable=True)
-        prune_report = json.loads(Path(output_dir, PRUNE_REPORT_FILE).read_text())
-        stage1_ranks = {name: module["old_rank"] for name, module in prune_report["modules"].items()}
+        model, prune_report, stage1_ranks = load_pruned_stage(load_model, output_dir, stages)
     else:
         total_steps = optimizer_steps(num_train_examples, training_args, training_args.num_train_epochs)
         model = attach_adapters(load_model(), method_args, task_type, total_steps)
