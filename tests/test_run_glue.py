@@ -1,5 +1,6 @@
 """run_glue.py end to end on a tiny RoBERTa and synthetic rows in each task's schema."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 import lorpa
 import run_glue
+from lorpa.arguments import MethodArguments, ModelArguments
 from lorpa.glue import GlueDataArguments, load_glue
 from lorpa.metrics import GLUE_TASKS, glue_metrics
 
@@ -159,6 +161,18 @@ BAD_INPUTS = {
     "missing file": (["--train_file", "nowhere.jsonl"], "data file not found: nowhere.jsonl"),
     "unknown method": (["--method", "dora"], "unknown method 'dora'"),
     "target above r0": (["--prune_target_rank", "9"], "--prune_target_rank must be in [1, --lora_r=8], got 9"),
+    "unknown target module": (["--lora_target_modules", "no_such_module"],
+                              "--lora_target_modules no_such_module: no module of the model has that name; "
+                              "the model's linear layers: dense, out_proj, key, query, value"),
+    "one unknown target among known": (["--lora_target_modules", "query", "no_such_module"],
+                                       "--lora_target_modules no_such_module: no module"),
+    "unknown module to save": (["--modules_to_save", "no_such_module"], "--modules_to_save no_such_module: no module"),
+    "no training rows": (["--max_train_samples", "0"], "--max_train_samples must be a positive number of rows, got 0"),
+    "no epochs": (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
+    "missing model folder": (["--model_name_or_path", "/nowhere/model"],
+                             "could not load /nowhere/model: no such folder (and it cannot be a hub model id)"),
+    "missing file names its flag": (["--validation_file", "nowhere.jsonl"],
+                                    "data file not found: nowhere.jsonl (given by --validation_file"),
 }
 
 
@@ -166,12 +180,18 @@ BAD_INPUTS = {
 def test_bad_input_fails_in_one_line_and_keeps_earlier_output(model_dir, tmp_path, capsys, earlier_output, case):
     override, expected = BAD_INPUTS[case]
     argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true")
-    for flag, value in zip(override[::2], override[1::2]):
-        index = argv.index(flag) if flag in argv else None
-        if index is not None:
+    groups = []  # (flag, values): a value None removes the flag
+    for token in override:
+        if token is not None and token.startswith("--"):
+            groups.append((token, []))
+        else:
+            groups[-1][1].append(token)
+    for flag, values in groups:
+        if flag in argv:
+            index = argv.index(flag)
             del argv[index : index + 2]
-        if value is not None:
-            argv += [flag, value]
+        if values != [None]:
+            argv += [flag, *values]
     assert_one_line_failure(run_glue.main, argv, expected, capsys, earlier_output)
 
 
@@ -224,3 +244,56 @@ def test_rewind_init_runs_through_the_script(model_dir, tmp_path):
     run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--rewind", "init"))
     results = read_results(output_dir)
     assert results["prune"]["rewind"] == "init" and set(results["ranks"].values()) == {2}
+
+
+def test_a_single_float_label_is_named_by_its_row(model_dir, tmp_path, capsys, earlier_output):
+    files = task_files(tmp_path, "rte")
+    rows = glue_rows("rte", 8, 0)
+    rows[5]["label"] = 1.0  # one float turns the whole parsed column into floats
+    files["train_file"] = write_jsonl(tmp_path / "float.jsonl", rows)
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true", files=files)
+    assert_one_line_failure(run_glue.main, argv, "float.jsonl: row 6 has label 1.0; rte expects a class id",
+                            capsys, earlier_output)
+
+
+def test_malformed_yaml_gives_line_and_column(model_dir, tmp_path, capsys, earlier_output):
+    config = tmp_path / "bad.yaml"
+    config.write_text("task_name: rte\nlearning_rate: [1e-3\nlora_r: 8\n")
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--config", str(config))
+    assert_one_line_failure(run_glue.main, argv, f"config file {config} is not valid YAML at line 3, column 7",
+                            capsys, earlier_output)
+
+
+def test_results_record_the_users_modules_to_save(model_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--method", "lora", "--modules_to_save", "dense"))
+    results = read_results(output_dir)
+    assert results["config"]["modules_to_save"] == ["dense"]  # not peft's list with the head appended
+
+
+def test_help_puts_config_and_lorpa_flags_first_and_marks_the_trainers(capsys):
+    with pytest.raises(SystemExit):
+        run_glue.main(["--help"])
+    text = capsys.readouterr().out
+    usage = text.split("\n\n")[0]
+    assert "--model_name_or_path" not in usage and "--task_name" not in usage  # a config can give them
+    assert text.index("--config") < text.index("--method") < text.index("--model_name_or_path") < text.index("--output_dir")
+    assert "transformers' Trainer flags" in text[text.index("--adalora_tfinal_ratio"):text.index("--output_dir")]
+    options = text.split("\n  -")
+    assert not [option for option in options if option.count("default") > 1 and "(default:" in option]
+    from lorpa.summarization import SummarizationDataArguments
+
+    for group in (ModelArguments, GlueDataArguments, MethodArguments, SummarizationDataArguments):
+        assert not [f.name for f in dataclasses.fields(group) if not f.metadata.get("help")]
+
+
+def test_missing_required_flag_is_one_line(tmp_path, capsys, earlier_output):
+    argv = ["--task_name", "rte", "--output_dir", str(earlier_output)]
+    assert_one_line_failure(run_glue.main, argv, "missing --model_name_or_path: give it on the command line or in the "
+                            "--config file", capsys, earlier_output)
+
+
+def test_no_pin_memory_without_an_accelerator():
+    from lorpa.arguments import TRAINING_DEFAULTS
+
+    assert TRAINING_DEFAULTS["dataloader_pin_memory"] is torch.accelerator.is_available()
