@@ -6,7 +6,6 @@ import shutil
 import stat
 
 import pytest
-from conftest import assert_one_line_failure
 from test_run_glue import argv_for, read_results, task_files
 from tiny_assets import write_tiny_roberta
 
