@@ -65,7 +65,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         usage="%(prog)s [--config FILE.yaml] [--flag value ...]   (flags override the config; -h lists them)",
     )
     parser.error = raise_usage_error  # argparse would print the whole (very long) usage first
-    parser.add_argument("--config", default=None, help="YAML file of flag values; flags given here override it")
+    parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of flag values; flags given here override it")
     parser.set_defaults(**(defaults or {}))
     # A config file can supply any flag, so nothing is required on the command line; checked below instead.
     required = [action for action in parser._actions if action.required]

@@ -235,3 +235,20 @@ def test_smoke_configs_run_on_generated_data(tmp_path):
                                "--validation_file", str(tmp_path / raw(SMOKE)["validation_file"]))
     splits = load_glue(data_args)
     assert len(splits["train"]) == 40 and set(splits["train"]["label"]) == {0, 1}
+
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "minilm").rglob("*.yaml")), ids=rel)
+def test_minilm_configs_read_the_hub_or_local_copies_given_by_data_dir(path):
+    _, data_args, _, _ = parsed(path)
+    assert data_args.train_file is None and data_args.data_dir is None  # the hub by default
+    if not SHARED_DATA.is_dir():
+        pytest.skip("no local GLUE copies beside this checkout")
+    from lorpa.glue import load_glue
+
+    _, data_args, _, _ = parse(path, "--data_dir", str(SHARED_DATA))
+    splits = load_glue(data_args)
+    assert len(splits["train"]) == data_args.max_train_samples == 1000
+    assert len(splits["validation"]) == {"sst2": 872, "stsb": 1500}[data_args.task_name]
