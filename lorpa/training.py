@@ -95,14 +95,14 @@ def checkpoint_problem(path: Path) -> str | None:
                     pass
             except Exception as error:  # safetensors raises its own error types for a damaged header
                 return f"{file.name} is damaged ({str(error).strip().splitlines()[0]})"
-    optimizer = Path(path, "optimizer.pt")
-    if optimizer.is_file():
-        try:
-            zipfile.ZipFile(optimizer).close()
-        except (OSError, zipfile.BadZipFile) as error:
-            return f"optimizer.pt is damaged ({error})"
-    elif not any(Path(path).glob("global_step*")):  # DeepSpeed keeps its optimizer there
+    if not Path(path, "optimizer.pt").is_file() and not any(Path(path).glob("global_step*")):  # DeepSpeed's own layout
         return "no optimizer.pt"
+    for file in sorted(Path(path).glob("*.p*")) + sorted(Path(path).glob("*.bin")):
+        if file.suffix in (".pt", ".pth", ".bin"):  # torch.save writes zip archives: a cut-off one has no directory
+            try:
+                zipfile.ZipFile(file).close()
+            except (OSError, zipfile.BadZipFile) as error:
+                return f"{file.name} is damaged ({error})"
     return None
 
 
