@@ -97,12 +97,11 @@ def checkpoint_problem(path: Path) -> str | None:
                 return f"{file.name} is damaged ({str(error).strip().splitlines()[0]})"
     if not Path(path, "optimizer.pt").is_file() and not any(Path(path).glob("global_step*")):  # DeepSpeed's own layout
         return "no optimizer.pt"
-    for file in sorted(Path(path).glob("*.p*")) + sorted(Path(path).glob("*.bin")):
-        if file.suffix in (".pt", ".pth", ".bin"):  # torch.save writes zip archives: a cut-off one has no directory
-            try:
-                zipfile.ZipFile(file).close()
-            except (OSError, zipfile.BadZipFile) as error:
-                return f"{file.name} is damaged ({error})"
+    for file in sorted(f for f in Path(path).iterdir() if f.suffix in (".pt", ".pth", ".bin")):
+        try:  # torch.save writes zip archives; a cut-off one has no central directory
+            zipfile.ZipFile(file).close()
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"{file.name} is damaged ({error})"
     return None
 
 
