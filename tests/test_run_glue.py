@@ -297,3 +297,15 @@ def test_no_pin_memory_without_an_accelerator():
     from lorpa.arguments import TRAINING_DEFAULTS
 
     assert TRAINING_DEFAULTS["dataloader_pin_memory"] is torch.accelerator.is_available()
+
+
+def test_a_run_prints_no_load_report_and_no_peft_deprecation(model_dir, tmp_path, capfd):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_glue.main(argv_for(model_dir, tmp_path, "sst2", tmp_path / "out", "--num_train_epochs", "1"))
+    output = capfd.readouterr()
+    assert "LOAD REPORT" not in output.out + output.err
+    assert "weights new, trained from scratch: classifier.dense.bias" in output.out  # one line instead
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message) or "pin_memory" in str(w.message)]
