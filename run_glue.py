@@ -25,9 +25,9 @@ from transformers import (
     set_seed,
 )
 
-from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
+from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
 from lorpa.cli import UsageError, parse_args, run_cli
-from lorpa.loading import load_pretrained
+from lorpa.loading import load_model, load_pretrained
 from lorpa.glue import GlueDataArguments, compute_metrics_for, load_glue, main_metric_name, tokenize_glue
 from lorpa.outputs import check_output_dir
 from lorpa.results import results_record, run_config, write_results
@@ -53,6 +53,7 @@ def main(argv=None):
     )
     if not training_args.output_dir:
         raise UsageError("--output_dir is required")
+    check_training_arguments(training_args)
     check_output_dir(
         training_args.output_dir,
         overwrite=method_args.overwrite_output_dir,
@@ -81,7 +82,7 @@ def main(argv=None):
         )
 
     outcome = train_stages(
-        load_model=lambda: load_pretrained(
+        load_model=lambda: load_model(
             AutoModelForSequenceClassification,
             model_path,
             cache_dir,

@@ -17,10 +17,10 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Seq2SeqTrainingArguments, set_seed
 
 from lorpa.adapters import check_target_modules
-from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
+from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
 from lorpa.cli import UsageError, parse_args, run_cli
 from lorpa.generation import MergedGenerationTrainer
-from lorpa.loading import load_pretrained
+from lorpa.loading import load_model, load_pretrained
 from lorpa.outputs import check_output_dir, write_json_atomic
 from lorpa.results import results_record, run_config, write_results
 from lorpa.summarization import (
@@ -60,6 +60,7 @@ def main(argv=None):
     )
     if not training_args.output_dir:
         raise UsageError("--output_dir is required")
+    check_training_arguments(training_args)
     if not training_args.predict_with_generate:
         raise UsageError("ROUGE is scored on generated summaries: --predict_with_generate must stay true")
     training_args.generation_max_length = training_args.generation_max_length or data_args.val_max_target_length
@@ -93,7 +94,7 @@ def main(argv=None):
         )
 
     outcome = train_stages(
-        load_model=lambda: load_pretrained(
+        load_model=lambda: load_model(
             AutoModelForSeq2SeqLM, model_path, cache_dir, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes
         ),
         make_trainer=make_trainer,

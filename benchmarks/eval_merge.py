@@ -6,6 +6,9 @@ model is BART-shaped with random weights (no download), so every summary is forc
 length (`--summary_tokens`): random weights would otherwise stop at once. Merge and unmerge time is
 counted in the merged mode.
 
+XSum validation articles come from the hub, or from a local copy with --data_dir DIR
+(DIR/xsum/validation.jsonl, the layout run_summarization.py --data_dir reads).
+
     python benchmarks/eval_merge.py                        # bart-base shape, 16 articles, greedy
     python benchmarks/eval_merge.py --num_articles 200 --num_beams 4 --batch_size 16
 """
@@ -13,11 +16,9 @@ counted in the merged mode.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -33,7 +34,6 @@ from transformers import (
 from lorpa.generation import MergedGenerationTrainer
 from lorpa.summarization import summary_collator
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared/data/xsum"
 SHAPES = {  # BART's published sizes; vocabulary as facebook/bart-*
     "bart-base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
                       decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
@@ -70,19 +70,26 @@ def collate_articles(tokenizer):
     return lambda features: {key: value for key, value in collator(features).items() if value is not None}
 
 
-def articles(folder: Path, count: int) -> list[str]:
-    path = folder / "validation.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found; pass --data FOLDER holding validation.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:count]]
-    if len(rows) < count:
-        raise SystemExit(f"error: {path} has only {len(rows)} articles")
-    return [row["document"] for row in rows]
+def articles(data_dir: str | None, count: int) -> list[str]:
+    """The first `count` XSum validation articles: a local copy under DATA_DIR, else the hub's."""
+    from lorpa.cli import UsageError
+    from lorpa.summarization import SummarizationDataArguments, load_summarization
+
+    try:
+        args = SummarizationDataArguments(dataset_name="xsum", data_dir=data_dir, max_eval_samples=count)
+        documents = load_summarization(args)["validation"]["document"]
+    except UsageError as error:
+        hint = "" if data_dir else "; pass --data_dir DIR with DIR/xsum/validation.jsonl"
+        raise SystemExit(f"error: {error}{hint}") from None
+    if len(documents) < count:
+        raise SystemExit(f"error: only {len(documents)} validation articles")
+    return documents
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with validation.jsonl (XSum columns)")
+    parser.add_argument("--data_dir", default=None,
+                        help="folder with a local XSum copy (DIR/xsum/validation.jsonl); default: the hub")
     parser.add_argument("--num_articles", type=int, default=16)
     parser.add_argument("--shape", choices=SHAPES, default="bart-base")
     parser.add_argument("--lora_r", type=int, default=16, help="LoRPA's final rank for BART")
@@ -97,7 +104,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     tokenizer = bart_tokenizer()
-    texts = articles(args.data, args.num_articles)
+    texts = articles(args.data_dir, args.num_articles)
     encoded = tokenizer(texts, max_length=args.max_source_length, truncation=True, return_token_type_ids=False)
     dataset = Dataset.from_dict(dict(encoded))
     model = lora_bart(args.shape, args.lora_r, tokenizer, args.seed)

@@ -9,9 +9,10 @@ adapter with plain peft, exactly as stage 2 or a user sees it. Steps are interle
 so machine noise hits every variant alike; medians are reported as ratios against LoRA r=8.
 Peak memory is measured per variant in a fresh process (CPU: peak RSS above the imports; GPU: max allocated).
 A second table compares dynamic padding with padding to 512 (the authors' scripts) on SST-2
-sentence lengths.
+sentence lengths: the GLUE SST-2 validation sentences from the hub, or from a local copy with
+--data_dir DIR (DIR/glue/sst2/validation.jsonl, the layout run_glue.py --data_dir reads).
 
-    python benchmarks/step_time.py [--steps 8] [--batch_size 16] [--seq_len 128] [--size base]
+    python benchmarks/step_time.py [--steps 8] [--batch_size 16] [--seq_len 128] [--size base] [--data_dir DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
 }
 VARIANTS = ("lorpa 256->8", "lora r=8", "lora r=256", "full", "r=256 +sens")
-SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/sst2/validation.jsonl"
 
 
 def base_model(size: str) -> torch.nn.Module:
@@ -135,15 +135,30 @@ def measure_memory(variant, args, device_name) -> float:
     return value
 
 
-def sst2_lengths(batch_size: int, batches: int) -> list[list[int]]:
+def sst2_sentences(data_dir: str | None) -> list[str]:
+    """SST-2 validation sentences: a local copy under DATA_DIR, else the hub's GLUE SST-2."""
+    from datasets import load_dataset
+
+    from lorpa.cli import UsageError
+    from lorpa.glue import GlueDataArguments, load_glue
+
+    if data_dir is not None:
+        try:
+            return load_glue(GlueDataArguments(task_name="sst2", data_dir=data_dir))["validation"]["sentence"]
+        except UsageError as error:
+            raise SystemExit(f"error: {error}") from None
+    try:
+        return load_dataset("nyu-mll/glue", "sst2", split="validation")["sentence"]
+    except Exception as error:  # offline, hub errors: several exception types
+        raise SystemExit(f"error: SST-2 could not be loaded from the hub ({type(error).__name__}); pass --data_dir DIR "
+                         "with DIR/glue/sst2/validation.jsonl, or --skip_padding") from None
+
+
+def sst2_lengths(sentences: list[str], batch_size: int, batches: int) -> list[list[int]]:
     """Token counts of real SST-2 sentences (about 1.3 tokens per word plus 2 specials), in batches."""
-    import json
     import random
 
-    if SST2.is_file():
-        words = [len(json.loads(line)["sentence"].split()) for line in SST2.read_text().splitlines()]
-    else:
-        words = [random.Random(0).randint(3, 50) for _ in range(872)]
+    words = [len(sentence.split()) for sentence in sentences]
     rng = random.Random(0)
     return [[min(512, int(rng.choice(words) * 1.3) + 2) for _ in range(batch_size)] for _ in range(batches)]
 
@@ -156,7 +171,10 @@ def main():
     parser.add_argument("--size", choices=SIZES, default="base")
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument("--skip_padding", action="store_true")
+    parser.add_argument("--data_dir", default=None,
+                        help="folder with local GLUE copies (DIR/glue/sst2/validation.jsonl); default: the hub")
     args = parser.parse_args()
+    sentences = None if args.skip_padding else sst2_sentences(args.data_dir)  # fail before the long part
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device={device}, threads={torch.get_num_threads()}, size={args.size}, batch={args.batch_size}x{args.seq_len}, "
           f"median of {args.steps} interleaved steps")
@@ -176,7 +194,7 @@ def main():
     print(f"sensitivity tracking: r=256 +sens vs lora r=256 step: {medians['r=256 +sens'] / medians['lora r=256']:.3f}")
 
     if not args.skip_padding:
-        lengths = sst2_lengths(args.batch_size, 4)
+        lengths = sst2_lengths(sentences, args.batch_size, 4)
         dynamic = [random_batch(args.batch_size, max(batch), device, batch) for batch in lengths]
         padded = [random_batch(args.batch_size, 512, device, batch) for batch in lengths]
         stepper = steppers["lora r=8"]

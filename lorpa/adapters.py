@@ -6,13 +6,17 @@ The task head is always trained and saved: peft's `task_type` puts it in `module
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 from peft import AdaLoraConfig, LoraConfig
 from peft.utils import (
     TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 )
+from torch import nn
 from transformers import TrainerCallback
+from transformers.pytorch_utils import Conv1D
 
 from .arguments import MethodArguments
 from .cli import UsageError
@@ -25,9 +29,14 @@ def lora_config(args: MethodArguments, task_type: str) -> LoraConfig:
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
-        modules_to_save=args.modules_to_save,
+        target_modules=_copy(args.lora_target_modules),
+        modules_to_save=_copy(args.modules_to_save),
     )
+
+
+def _copy(names: list[str] | None) -> list[str] | None:
+    """peft appends the task head to `modules_to_save` in place; the user's list (in results.json) stays as given."""
+    return None if names is None else list(names)
 
 
 def adalora_config(args: MethodArguments, task_type: str, total_steps: int) -> AdaLoraConfig:
@@ -37,8 +46,8 @@ def adalora_config(args: MethodArguments, task_type: str, total_steps: int) -> A
         target_r=args.adalora_target_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
-        modules_to_save=args.modules_to_save,
+        target_modules=_copy(args.lora_target_modules),
+        modules_to_save=_copy(args.modules_to_save),
         total_step=total_steps,
         tinit=int(args.adalora_tinit_ratio * total_steps),
         tfinal=int(args.adalora_tfinal_ratio * total_steps),
@@ -59,6 +68,35 @@ def check_target_modules(model_type: str, args: MethodArguments) -> None:
         )
 
 
+def _matches(module_name: str, key: str) -> bool:
+    """peft's rule for a name in a list of target modules: the whole name, or its last dotted parts."""
+    return module_name == key or module_name.endswith("." + key)
+
+
+def _names_hint(names, limit: int = 12) -> str:
+    """Distinct last name parts, outermost modules first (`pooler` before `LayerNorm`)."""
+    short = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in sorted(names, key=lambda n: (n.count("."), n))))
+    short = [n for n in short if not n.isdigit()]
+    return ", ".join(short[:limit]) + (", ..." if len(short) > limit else "")
+
+
+def check_module_names(model, args: MethodArguments) -> None:
+    """Every name in --lora_target_modules / --modules_to_save must match a module of the model.
+
+    peft fails with a traceback when no target matches and silently ignores a target that matches
+    nothing while another does; a misspelt module name would otherwise train a different adapter.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    linear = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    for flag, keys, hint in (
+        ("--lora_target_modules", args.lora_target_modules, f"the model's linear layers: {_names_hint(linear)}"),
+        ("--modules_to_save", args.modules_to_save, f"the model's modules include {_names_hint(names)}"),
+    ):
+        for key in keys or ():
+            if not any(_matches(name, key) for name in names):
+                raise UsageError(f"{flag} {key}: no module of the model has that name; {hint}")
+
+
 def attach_adapters(model, args: MethodArguments, task_type: str, total_steps: int):
     """The model to train: the bare model for `full`, else a PeftModel.
 
@@ -66,11 +104,14 @@ def attach_adapters(model, args: MethodArguments, task_type: str, total_steps: i
     """
     if args.method == "full":
         return model
-    if args.method == "adalora":
-        return peft.get_peft_model(model, adalora_config(args, task_type, total_steps))
-    if args.method == "lorpa" and args.rewind == "init":
-        return rewind.get_peft_model(model, lora_config(args, task_type))
-    return peft.get_peft_model(model, lora_config(args, task_type))
+    check_module_names(model, args)
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in favour of another; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if args.method == "adalora":
+            return peft.get_peft_model(model, adalora_config(args, task_type, total_steps))
+        if args.method == "lorpa" and args.rewind == "init":
+            return rewind.get_peft_model(model, lora_config(args, task_type))
+        return peft.get_peft_model(model, lora_config(args, task_type))
 
 
 class AdaLoraAllocationCallback(TrainerCallback):

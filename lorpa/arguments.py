@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+import torch
 
 from .cli import UsageError
 from .lowrank import SVD_SPLITS
@@ -17,11 +20,22 @@ METHODS = ("lorpa", "lora", "full", "adalora")
 PAPER_TARGET_RANK = 8  # RoBERTa in the paper; used when neither prune flag is given
 # Trainer settings the run scripts change: evaluate and log every epoch (the paper reports the best
 # per-epoch validation score) and keep only the latest checkpoint.
-TRAINING_DEFAULTS = {"eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1, "logging_strategy": "epoch"}
+# Pinned memory only helps copies to an accelerator; on a CPU-only machine torch warns about it every epoch.
+TRAINING_DEFAULTS = {
+    "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1, "logging_strategy": "epoch",
+    "dataloader_pin_memory": torch.accelerator.is_available(),
+}
+
+
+def check_training_arguments(training_args) -> None:
+    """Refuse a run that would train nothing (and still replace an earlier results.json)."""
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UsageError(f"--num_train_epochs must be positive (or set --max_steps), got {training_args.num_train_epochs}")
 
 
 @dataclass
 class ModelArguments:
+    _argument_group_name: ClassVar[str] = "model"
     model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the pretrained model"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own"})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache hub downloads"})
@@ -32,13 +46,16 @@ class ModelArguments:
 
 @dataclass
 class MethodArguments:
+    _argument_group_name: ClassVar[str] = "LoRPA: method, adapter and pruning"
+    _help_first: ClassVar[bool] = True
     method: str = field(default="lorpa", metadata={"help": f"One of {', '.join(METHODS)}"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output folder"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (stage-1 rank r0 for lorpa, init_r for adalora)"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (stage 1 for lorpa)"})
-    lora_dropout: float = field(default=0.0)
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input"})
     lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt; default: peft's per-architecture default (q/v)"}
+        default=None,
+        metadata={"help": "Modules to adapt (names or name endings); left out: peft's default for the architecture, e.g. query/value"}
     )
     modules_to_save: list[str] | None = field(
         default=None,
@@ -68,7 +85,7 @@ class MethodArguments:
         },
     )
     prune_target_rank: int | None = field(
-        default=None, metadata={"help": f"Ranks kept per module (default {PAPER_TARGET_RANK} if no prune_ratio)"}
+        default=None, metadata={"help": f"Ranks kept per module ({PAPER_TARGET_RANK} when neither this nor --prune_ratio is given)"}
     )
     prune_ratio: float | None = field(default=None, metadata={"help": "Fraction of each module's ranks pruned"})
     prune_score: str = field(default="magnitude", metadata={"help": f"One of {', '.join(SCORES)}"})

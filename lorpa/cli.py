@@ -22,10 +22,32 @@ def _read_yaml(path: str) -> dict:
     try:
         values = yaml.safe_load(config_path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise UsageError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UsageError(f"config file {path} is not valid YAML{where}: {problem}") from error
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of flag names to values")
     return values
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when its help text does not already speak of one, and never `None`."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _help_group(dtype):
+    """A subclass that only gives the dataclass's flags a titled group in --help (HfArgumentParser reads
+    `_argument_group_name`); the values are still parsed into `dtype` itself."""
+    title = getattr(dtype, "_argument_group_name", None)
+    if title is None:
+        title = f"{dtype.__name__} (transformers' Trainer flags; see the transformers documentation)"
+    return type(dtype.__name__, (dtype,), {"_argument_group_name": title})
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None, defaults=None):
@@ -33,12 +55,22 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
 
     Every YAML key must be a flag of the script; an unknown key is an error that names it.
     `defaults` replaces dataclass defaults (YAML and flags still override them).
+    In --help, `--config` comes first, then the project's flag groups, then the Trainer's.
     Returns one instance per dataclass type, then the config path (or None).
     """
-    parser = HfArgumentParser(dataclass_types, description=description)
+    in_help_order = sorted(dataclass_types, key=lambda t: (t.__module__.startswith("transformers"),
+                                                           not getattr(t, "_help_first", False)))
+    parser = HfArgumentParser(
+        [_help_group(t) for t in in_help_order], description=description, formatter_class=HelpFormatter,
+        usage="%(prog)s [--config FILE.yaml] [--flag value ...]   (flags override the config; -h lists them)",
+    )
     parser.error = raise_usage_error  # argparse would print the whole (very long) usage first
-    parser.add_argument("--config", default=None, help="YAML file of flag values; flags given here override it")
+    parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of flag values; flags given here override it")
     parser.set_defaults(**(defaults or {}))
+    # A config file can supply any flag, so nothing is required on the command line; checked below instead.
+    required = [action for action in parser._actions if action.required]
+    for action in required:
+        action.required = False
     argv = sys.argv[1:] if argv is None else list(argv)
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", default=None)
@@ -51,12 +83,14 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
             raise UsageError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
         for key, value in values.items():
             actions[key].default = value
-            actions[key].required = False
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         raise UsageError(f"unrecognized argument(s): {' '.join(remaining)}")
+    missing = [action.option_strings[0] for action in required if getattr(namespace, action.dest) is None]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}: give it on the command line or in the --config file")
     outputs = []
-    for dtype in parser.dataclass_types:
+    for dtype in dataclass_types:
         keys = {f.name for f in dataclasses.fields(dtype) if f.init}
         try:
             outputs.append(dtype(**{k: v for k, v in vars(namespace).items() if k in keys}))

@@ -7,6 +7,7 @@ problem is reported as one line that names the file, and the row where there is 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
@@ -16,10 +17,19 @@ from .cli import UsageError
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 
 
-def read_data_file(path: str, cache_dir: str | None = None) -> Dataset:
+def check_sample_limits(args) -> None:
+    """--max_train_samples and friends select the first N rows: N must be at least 1."""
+    for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be a positive number of rows, got {value}")
+
+
+def read_data_file(path: str, cache_dir: str | None = None, flag: str | None = None) -> Dataset:
+    """`flag` is what named the file (e.g. `--train_file`, `--data_dir DIR`): a missing file is reported with it."""
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"data file not found: {path}")
+        raise UsageError(f"data file not found: {path}" + (f" (given by {flag}; fix or change it)" if flag else ""))
     builder = FORMATS.get(file.suffix.lower())
     if builder is None:
         raise UsageError(f"{path}: unsupported file type {file.suffix!r}; use one of {', '.join(FORMATS)}")
@@ -45,3 +55,22 @@ def require_columns(dataset: Dataset, columns, path: str) -> None:
         missing = next((row for row, value in enumerate(values) if value is None), None)
         if missing is not None:
             raise UsageError(f"{path}: row {missing + 1} has no value for {column!r}")
+
+
+def raw_values(path: str, column: str):
+    """The column's values as written in a local file, row by row (JSON values; CSV/TSV strings).
+
+    `datasets` gives a column one type, so a single `1.0` among integer labels turns every label into a
+    float; the raw values tell which row did it.
+    """
+    file = Path(path)
+    with file.open(newline="") as stream:
+        if FORMATS.get(file.suffix.lower()) == "json":
+            for line in stream:
+                if line.strip():
+                    yield json.loads(line).get(column)
+        else:
+            delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
+            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+            for row in csv.DictReader(stream, delimiter=delimiter, quoting=quoting):
+                yield row.get(column)

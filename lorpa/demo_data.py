@@ -1,4 +1,4 @@
-"""Synthetic sentiment data in the GLUE/SST-2 schema for the offline demo.
+"""Synthetic sentiment data in the GLUE/SST-2 schema for the offline demo (and summarization articles).
 
 The demo has to fine-tune a real model without network access and without
 shipping third-party corpus text, so the reviews are generated here from
@@ -10,6 +10,10 @@ clause decides while the other clause carries the opposite sentiment, and a quot
 expectation or opinion ("I expected it to be great, but it wasn't") is confirmed or
 refused. A keyword counter therefore does clearly worse than a model that reads
 structure, yet the data stays small enough to fine-tune on a CPU.
+
+The same grammar writes short review articles in the XSum schema (document, summary, id) for the
+summarization smoke test: the one-sentence summary names the item and whether the review as a
+whole is positive, which the article says only through its clauses.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ NEGATIVE_VERBS = (("hated", "hate"), ("disliked", "dislike"), ("loathed", "loath
 RECOMMEND_WORD = "recommend"  # positive
 AVOID_WORD = "avoid"  # negative
 N_TRAIN, N_VALIDATION = 2000, 400
+N_SUMMARY_TRAIN, N_SUMMARY_VALIDATION = 800, 200
 
 INTENSIFIERS = ("", "", "", "very ", "really ", "truly ", "extremely ", "incredibly ", "quite ", "pretty ")
 # Softeners that still read naturally after a negation ("was not particularly good").
@@ -241,10 +246,53 @@ def write_demo_glue(
     out_dir, *, n_train: int = N_TRAIN, n_validation: int = N_VALIDATION, seed: int = 0
 ) -> dict[str, Path]:
     """Write `train.jsonl` and `validation.jsonl` (glue/sst2 columns) and return their paths."""
+    return _write(out_dir, generate_demo_glue(n_train=n_train, n_validation=n_validation, seed=seed))
+
+
+def _summarized_article(rng: random.Random) -> tuple[str, str]:
+    """(article, summary): two to four clauses of one polarity about one item, mixed with neutral filler."""
+    domain = DOMAINS[rng.choice(sorted(DOMAINS))]
+    item = rng.choice(domain["items"])
+    positive = rng.random() < 0.5
+    sentences = [_capitalize(_clause(rng, domain["aspects"], item, positive, rng.random() < 0.25)) + "."
+                 for _ in range(rng.randint(2, 4))]
+    sentences += rng.sample(domain["filler"], rng.randint(1, 2))
+    rng.shuffle(sentences)
+    verdict = rng.choice(("liked", "enjoyed", "recommends")) if positive else rng.choice(("disliked", "did not like"))
+    who = "reviewer" if rng.random() < 0.5 else "customer" if domain is not DOMAINS["movie"] else "viewer"
+    return " ".join(sentences), f"The {who} {verdict} the {item}."
+
+
+def generate_demo_summaries(
+    *, n_train: int = N_SUMMARY_TRAIN, n_validation: int = N_SUMMARY_VALIDATION, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Rows for both splits in the XSum schema, no article shared between splits."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    splits: dict[str, list[dict]] = {}
+    for split, size in (("train", n_train), ("validation", n_validation)):
+        rows = []
+        while len(rows) < size:
+            document, summary = _summarized_article(rng)
+            if document not in seen:
+                seen.add(document)
+                rows.append({"document": document, "summary": summary, "id": f"{split}-{len(rows)}"})
+        splits[split] = rows
+    return splits
+
+
+def write_demo_summaries(
+    out_dir, *, n_train: int = N_SUMMARY_TRAIN, n_validation: int = N_SUMMARY_VALIDATION, seed: int = 0
+) -> dict[str, Path]:
+    """Write `train.jsonl` and `validation.jsonl` (xsum columns) and return their paths."""
+    return _write(out_dir, generate_demo_summaries(n_train=n_train, n_validation=n_validation, seed=seed))
+
+
+def _write(out_dir, splits: dict[str, list[dict]]) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, rows in generate_demo_glue(n_train=n_train, n_validation=n_validation, seed=seed).items():
+    for split, rows in splits.items():
         path = out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         paths[split] = path
@@ -254,11 +302,19 @@ def write_demo_glue(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--n_train", type=int, default=N_TRAIN)
-    parser.add_argument("--n_validation", type=int, default=N_VALIDATION)
+    parser.add_argument("--kind", choices=("reviews", "summaries"), default="reviews",
+                        help="reviews: SST-2 schema (sentence, label); summaries: XSum schema (document, summary)")
+    parser.add_argument("--n_train", type=int, default=None, help=f"default {N_TRAIN} reviews, {N_SUMMARY_TRAIN} articles")
+    parser.add_argument("--n_validation", type=int, default=None,
+                        help=f"default {N_VALIDATION} reviews, {N_SUMMARY_VALIDATION} articles")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    paths = write_demo_glue(args.out_dir, n_train=args.n_train, n_validation=args.n_validation, seed=args.seed)
+    if args.kind == "reviews":
+        write, n_train, n_validation = write_demo_glue, N_TRAIN, N_VALIDATION
+    else:
+        write, n_train, n_validation = write_demo_summaries, N_SUMMARY_TRAIN, N_SUMMARY_VALIDATION
+    paths = write(args.out_dir, n_train=args.n_train or n_train, n_validation=args.n_validation or n_validation,
+                  seed=args.seed)
     for path in paths.values():
         print(path)
 

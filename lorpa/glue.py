@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
 from .cli import UsageError
-from .data_files import read_data_file, require_columns
+from .data_files import check_sample_limits, raw_values, read_data_file, require_columns
 from .metrics import GLUE_TASKS, GlueTask, glue_metrics
 
 
 @dataclass
 class GlueDataArguments:
+    _argument_group_name: ClassVar[str] = "data (GLUE)"
     task_name: str = field(metadata={"help": f"One of {', '.join(GLUE_TASKS)}"})
     data_dir: str | None = field(
         default=None,
@@ -32,8 +35,8 @@ class GlueDataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows of each eval split"})
-    max_predict_samples: int | None = field(default=None)
-    preprocessing_num_workers: int | None = field(default=None)
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Predict only the first N test rows"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenising"})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the cache"})
 
     def __post_init__(self):
@@ -41,6 +44,7 @@ class GlueDataArguments:
             raise UsageError(f"unknown task {self.task_name!r}; choose one of {', '.join(GLUE_TASKS)}")
         if self.max_seq_length < 1:
             raise UsageError(f"--max_seq_length must be positive, got {self.max_seq_length}")
+        check_sample_limits(self)
         if self.data_dir is not None and not self.train_file:
             self._use_data_dir()
         local = (self.train_file, self.validation_file)
@@ -72,9 +76,30 @@ def _local_files(args: GlueDataArguments) -> dict[str, str]:
     return files
 
 
+def _file_flags(args: GlueDataArguments) -> dict[str, str]:
+    """The flag that named each local file, for the error when one is missing."""
+    if args.data_dir is not None:
+        return dict.fromkeys(("train", *args.task.eval_splits, "test"), f"--data_dir {args.data_dir}") | {"test": "--test_file"}
+    eval_flags = ("--validation_file", "--validation_mismatched_file")
+    return {"train": "--train_file", **dict(zip(args.task.eval_splits, eval_flags)), "test": "--test_file"}
+
+
+def _is_class_id(value) -> bool:
+    """An integer as written in the file: JSON 1 (not 1.0 or true), CSV "1"."""
+    if isinstance(value, str):
+        return re.fullmatch(r"\s*-?\d+\s*", value) is not None
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_labels(dataset, task: GlueTask, path: str) -> None:
     """Classification labels must be class ids of the task; STS-B scores must lie in [0, 5]."""
-    for row, label in enumerate(dataset["label"]):
+    labels = dataset["label"]
+    if not task.is_regression and Path(path).is_file() and any(isinstance(label, float) for label in labels):
+        # One non-integer value made the whole column float: name the row that has it, not row 1.
+        row, label = next(((i, v) for i, v in enumerate(raw_values(path, "label")) if not _is_class_id(v)), (0, labels[0]))
+        raise UsageError(f"{path}: row {row + 1} has label {label!r}; {task.name} expects a class id in "
+                         f"0..{task.num_labels - 1}")
+    for row, label in enumerate(labels):
         if task.is_regression:
             valid = isinstance(label, (int, float)) and 0 <= label <= 5
             expected = "a score in [0, 5]"
@@ -89,8 +114,8 @@ def load_glue(args: GlueDataArguments, cache_dir: str | None = None) -> DatasetD
     """Train and evaluation splits (and `test` if given), every row checked against the task schema."""
     task = args.task
     if args.train_file:
-        files = _local_files(args)
-        splits = DatasetDict({split: read_data_file(path, cache_dir) for split, path in files.items()})
+        files, flags = _local_files(args), _file_flags(args)
+        splits = DatasetDict({split: read_data_file(path, cache_dir, flags[split]) for split, path in files.items()})
     else:
         files = {split: f"glue/{task.name} ({split})" for split in ("train", *task.eval_splits)}
         try:

@@ -31,7 +31,7 @@ TABLES = {
     "glue-base": ROOT / "configs/glue/roberta-base",
     "glue-large": ROOT / "configs/glue/roberta-large",
     "summarization": ROOT / "configs/summarization/bart-base",
-    "glue-minilm": ROOT / "configs/glue/minilm",  # runs offline: packaged MiniLM, ../shared/data
+    "glue-minilm": ROOT / "configs/glue/minilm",  # packaged MiniLM; GLUE from the hub or --data_dir
 }
 METHOD_FOLDERS = {"lorpa": ("",), "lora": ("lora_r*",)}
 

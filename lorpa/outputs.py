@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from .cli import UsageError
@@ -22,15 +22,35 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> Non
 
 
 def write_json_atomic(path: str | Path, data) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the new one."""
+    """Write to a temporary file beside `path`, flush it to disk, then rename: readers (and a run killed at
+    any moment, or a power cut) see the old file or the new one. The file gets the permissions any new
+    file in the folder gets (the umask), like the Trainer's own outputs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=2, sort_keys=False, default=str)
             stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (not possible on every platform, e.g. Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
 # `layer.3.` (BERT/RoBERTa), `layers.3.` (BART, LLaMA), `block.3.` (T5), `h.3.` (GPT-2).
 _LAYER = re.compile(r"(?:^|\.)(?:layers?|blocks?|h)\.(\d+)\.")
@@ -22,12 +23,21 @@ _BLOCK_ORDER = ("enc", "dec", "cross", "")
 
 @dataclass
 class RankGrid:
-    """Heat-map data: `new_rank[i, j]` is the surviving rank of the module in row i, column j (NaN: none)."""
+    """Heat-map data for the module in row i, column j (NaN: none): its surviving rank, its rank before
+    pruning, and the share of its score mass (sum of its components' scores) that the kept ones hold."""
 
     rows: list[str]
     columns: list[str]
     new_rank: np.ndarray
     old_rank: np.ndarray
+    kept_mass: np.ndarray
+
+
+def kept_mass(module: dict) -> float:
+    """Share of a module's score mass in its kept components (1 when every score is 0)."""
+    kept, pruned = _split_scores(module)
+    total = sum(kept) + sum(pruned)
+    return sum(kept) / total if total > 0 else 1.0
 
 
 def _locate(name: str) -> tuple[str, int, str] | None:
@@ -64,7 +74,8 @@ def _fallback_grid(modules: dict) -> RankGrid:
     names = list(modules)
     new = np.array([[modules[n]["new_rank"]] for n in names], dtype=float)
     old = np.array([[modules[n]["old_rank"]] for n in names], dtype=float)
-    return RankGrid(rows=names, columns=["rank"], new_rank=new, old_rank=old)
+    mass = np.array([[kept_mass(modules[n])] for n in names], dtype=float)
+    return RankGrid(rows=names, columns=["module"], new_rank=new, old_rank=old, kept_mass=mass)
 
 
 def rank_grid(prune_report: dict) -> RankGrid:
@@ -88,13 +99,15 @@ def rank_grid(prune_report: dict) -> RankGrid:
     layers = sorted({layer for _, layer, _ in located.values()})
     keys = list(columns)
     new = np.full((len(layers), len(keys)), np.nan)
-    old = np.full_like(new, np.nan)
+    old, mass = np.full_like(new, np.nan), np.full_like(new, np.nan)
     for name, (block, layer, suffix) in located.items():
         i, j = layers.index(layer), keys.index((block, suffix))
         if not np.isnan(new[i, j]):
             return _fallback_grid(modules)
         new[i, j], old[i, j] = modules[name]["new_rank"], modules[name]["old_rank"]
-    return RankGrid(rows=[str(layer) for layer in layers], columns=list(columns.values()), new_rank=new, old_rank=old)
+        mass[i, j] = kept_mass(modules[name])
+    return RankGrid(rows=[str(layer) for layer in layers], columns=list(columns.values()), new_rank=new,
+                    old_rank=old, kept_mass=mass)
 
 
 def _split_scores(module: dict) -> tuple[list[float], list[float]]:
@@ -115,23 +128,38 @@ def _old_rank_text(grid: RankGrid) -> str:
     return f"{high:g}" if low == high else f"{low:g}–{high:g}"
 
 
+def heatmap_panel(grid: RankGrid) -> tuple[np.ndarray, str, str, str]:
+    """(values, cell format, title, colour-bar label) of the heat map.
+
+    When every module keeps the same rank (module scope), a map of ranks would be one colour; it
+    shows the share of each module's score mass that the kept components hold instead.
+    """
+    ranks = grid.new_rank[~np.isnan(grid.new_rank)]
+    if ranks.min() == ranks.max():
+        return (100 * grid.kept_mass, "{:.0f}", f"(a) score mass kept per module, % (each keeps rank {ranks[0]:g})",
+                f"% of the module's score mass kept (rank before: {_old_rank_text(grid)})")
+    return (grid.new_rank, "{:g}", "(a) surviving rank per module",
+            f"rank after pruning (before: {_old_rank_text(grid)})")
+
+
 def _draw_heatmap(ax, fig: Figure, grid: RankGrid) -> None:
-    """Colours span 0..largest surviving rank (not the old rank), so differences between modules stay visible."""
-    vmax = max(1.0, float(np.nanmax(grid.new_rank)))
+    """Colours span 0..largest value shown, so differences between modules stay visible."""
+    values, cell, title, label = heatmap_panel(grid)
+    vmax = max(1.0, float(np.nanmax(values)))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
-    image = ax.imshow(np.ma.masked_invalid(grid.new_rank), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
-    for (i, j), value in np.ndenumerate(grid.new_rank):
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
         if not np.isnan(value):
             color = "white" if value < 0.6 * vmax else "black"
-            ax.text(j, i, f"{value:g}", ha="center", va="center", color=color, fontsize=8)
+            ax.text(j, i, cell.format(value), ha="center", va="center", color=color, fontsize=8)
     crowded = len(grid.columns) > 3
     ax.set_xticks(range(len(grid.columns)), grid.columns,
                   rotation=35 if crowded else 0, ha="right" if crowded else "center")
     ax.set_yticks(range(len(grid.rows)), grid.rows)
-    ax.set_ylabel("layer" if grid.columns != ["rank"] else "module")
-    ax.set_title("(a) surviving rank per module")
+    ax.set_ylabel("layer" if grid.columns != ["module"] else "module")
+    ax.set_title(title)
     ax.tick_params(length=0)
-    fig.colorbar(image, ax=ax, label=f"rank after pruning (before: {_old_rank_text(grid)})", shrink=0.8)
+    fig.colorbar(image, ax=ax, label=label, shrink=0.8)
 
 
 def _log_bins(values: np.ndarray) -> np.ndarray:
@@ -139,6 +167,14 @@ def _log_bins(values: np.ndarray) -> np.ndarray:
     if low == high:
         low, high = low / 2, high * 2
     return np.geomspace(low, high, 41)
+
+
+def _label_log_axis(axis, low: float, high: float, count: int = 6) -> None:
+    """Evenly spaced labelled ticks: matplotlib labels only powers of ten, often two or fewer on a score axis."""
+    ticks = np.geomspace(low, high, count)
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FixedFormatter([f"{t:.2g}" for t in ticks]))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _draw_thresholds(ax, prune_report: dict) -> None:
@@ -172,9 +208,12 @@ def _draw_scores(ax, prune_report: dict) -> None:
     if not positive.size:
         ax.text(0.5, 0.5, "every score is 0", ha="center", va="center", transform=ax.transAxes)
         return
-    ax.hist([kept[kept > 0], pruned[pruned > 0]], bins=_log_bins(positive), stacked=True,
+    ax.set_title("(b) component scores, stacked histogram (pruned on top of kept)")
+    bins = _log_bins(positive)
+    ax.hist([kept[kept > 0], pruned[pruned > 0]], bins=bins, stacked=True,
             color=["tab:green", "tab:red"], label=[f"kept ({kept.size})", f"pruned ({pruned.size})"])
     ax.set_xscale("log")
+    _label_log_axis(ax.xaxis, bins[0], bins[-1])
     _draw_thresholds(ax, prune_report)
     note = f"; {zeros} zero scores not shown" if zeros else ""
     ax.set_xlabel(f"{prune_report['score']} score (log scale{note})")
@@ -189,8 +228,8 @@ def _title(prune_report: dict) -> str:
             f"total rank {before} → {after} over {len(modules)} modules ({100 * after / before:.3g}% kept)")
 
 
-def plot_prune_report(prune_report: dict, out_path) -> Path:
-    """Write the heat map of surviving ranks and the score histogram of one prune report as one PNG.
+def prune_figure(prune_report: dict) -> Figure:
+    """The heat map of one prune report and its score histogram, side by side.
 
     The figure grows with the grid (about 0.75 in per column, 0.32 in per row), so the 8-pt cell
     numbers stay readable from RoBERTa-base up to BART-large with every projection adapted.
@@ -204,6 +243,11 @@ def plot_prune_report(prune_report: dict, out_path) -> Path:
     _draw_heatmap(heat_ax, fig, grid)
     _draw_scores(score_ax, prune_report)
     fig.suptitle(_title(prune_report))
+    return fig
+
+
+def plot_prune_report(prune_report: dict, out_path) -> Path:
+    """Write `prune_figure` of one prune report as a PNG."""
     out_path = Path(out_path)
-    fig.savefig(out_path, dpi=110, format="png")
+    prune_figure(prune_report).savefig(out_path, dpi=110, format="png")
     return out_path

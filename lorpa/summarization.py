@@ -7,6 +7,7 @@ with the pad id, so padding is neither trained on nor scored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,18 @@ HUB_DATASETS = {
 
 @dataclass
 class SummarizationDataArguments:
+    _argument_group_name: ClassVar[str] = "data (summarization)"
     dataset_name: str | None = field(
         default=None, metadata={"help": f"One of {', '.join(HUB_DATASETS)}; leave out for local files"}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config (cnn_dailymail: 3.0.0)"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of local copies of --dataset_name in the hub's schema, read instead of the hub: "
+            "DATA_DIR/<dataset_name>/train.jsonl and validation.jsonl (test.jsonl with --do_predict)"
+        },
+    )
     train_file: str | None = field(default=None, metadata={"help": "Local CSV or JSON Lines file instead of the hub"})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file, scored every epoch"})
     test_file: str | None = field(
@@ -73,7 +82,7 @@ class SummarizationDataArguments:
     no_repeat_ngram_size: int | None = field(
         default=None, metadata={"help": "No n-gram of this size is generated twice (default: the model's)"}
     )
-    preprocessing_num_workers: int | None = field(default=None)
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenising"})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the cache"})
 
     def __post_init__(self):
@@ -84,6 +93,12 @@ class SummarizationDataArguments:
             raise UsageError("give --dataset_name or local files (--train_file, --validation_file), not both")
         if self.dataset_name is None and not all(local):
             raise UsageError("give --dataset_name, or both --train_file and --validation_file")
+        if self.data_dir is not None:
+            if self.dataset_name is None:
+                raise UsageError("--data_dir needs --dataset_name: it reads DATA_DIR/<dataset_name>/train.jsonl etc.")
+            if not self.local_folder.is_dir():
+                raise UsageError(f"--data_dir {self.data_dir}: no folder {self.local_folder} "
+                                 "(expected <dataset_name>/train.jsonl and validation.jsonl)")
         if self.val_max_target_length is None:
             self.val_max_target_length = self.max_target_length
         for flag in ("max_source_length", "max_target_length", "val_max_target_length"):
@@ -96,6 +111,10 @@ class SummarizationDataArguments:
             self.text_column = hub.text_column if hub else "document"
         if self.summary_column is None:
             self.summary_column = hub.summary_column if hub else "summary"
+
+    @property
+    def local_folder(self) -> Path:
+        return Path(self.data_dir, self.dataset_name)
 
     @property
     def task_name(self) -> str:
@@ -128,13 +147,18 @@ def load_summarization(
     args: SummarizationDataArguments, cache_dir: str | None = None, with_test: bool = False
 ) -> DatasetDict:
     """Train, validation and test splits (local `--test_file`, or the hub's test split if `with_test`), checked."""
-    if args.dataset_name is None:
+    if args.data_dir is not None:
+        names = ("train", "validation", "test") if with_test else ("train", "validation")
+        files = {split: str(args.local_folder / f"{split}.jsonl") for split in names}
+        flags = dict.fromkeys(names, f"--data_dir {args.data_dir}")
+        splits = DatasetDict({split: read_data_file(files[split], cache_dir, flags[split]) for split in names})
+    elif args.dataset_name is None:
         if with_test and not args.test_file:
             raise UsageError("--do_predict with local data needs --test_file")
         files = {"train": args.train_file, "validation": args.validation_file}
         if args.test_file:
             files["test"] = args.test_file
-        splits = DatasetDict({split: read_data_file(path, cache_dir) for split, path in files.items()})
+        splits = DatasetDict({split: read_data_file(path, cache_dir, f"--{split}_file") for split, path in files.items()})
     else:
         hub = HUB_DATASETS[args.dataset_name]
         names = ("train", "validation", "test") if with_test else ("train", "validation")

@@ -19,12 +19,15 @@ import hashlib
 import json
 import math
 import re
+import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 
 from .adapters import AdaLoraAllocationCallback, attach_adapters
@@ -101,33 +104,120 @@ def optimizer_steps(num_examples: int, training_args: TrainingArguments, epochs:
     return max(1, math.ceil(epochs * math.ceil(batches / training_args.gradient_accumulation_steps)))
 
 
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed (None if it can).
+
+    The Trainer writes trainer_state.json last, so a folder without a readable one was cut off while
+    saving. Weight and optimizer files are checked for truncation by their headers, which is cheap.
+    """
+    try:
+        json.loads(Path(path, "trainer_state.json").read_text())
+    except (OSError, ValueError) as error:
+        return f"no readable trainer_state.json ({type(error).__name__})"
+    weights = [Path(path, name) for name in WEIGHT_FILES if Path(path, name).is_file()]
+    if not weights:
+        return "no model weights"
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as error:  # safetensors raises its own error types for a damaged header
+                return f"{file.name} is damaged ({str(error).strip().splitlines()[0]})"
+    if not Path(path, "optimizer.pt").is_file() and not any(Path(path).glob("global_step*")):  # DeepSpeed's own layout
+        return "no optimizer.pt"
+    for file in sorted(f for f in Path(path).iterdir() if f.suffix in (".pt", ".pth", ".bin")):
+        try:  # torch.save writes zip archives; a cut-off one has no central directory
+            zipfile.ZipFile(file).close()
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"{file.name} is damaged ({error})"
+    return None
+
+
 def find_resume_point(checkpoint: str | None, output_dir: str, stages: list[Stage]) -> tuple[int, str | None]:
     """(index of the stage to start in, checkpoint to resume it from).
 
-    `checkpoint` is a path to a `checkpoint-N` folder inside a stage folder, or "latest".
+    `checkpoint` is a path to a `checkpoint-N` folder inside a stage folder, or "latest": the newest
+    complete checkpoint of the latest stage that has one; incomplete ones (a run killed while saving)
+    are skipped with a message, and when all are incomplete the run starts from the beginning.
     """
     if checkpoint is None:
         return 0, None
     names = [stage.name for stage in stages]
     if checkpoint == "latest":
+        skipped = False
         for index in reversed(range(len(stages))):
             found = sorted(
                 Path(output_dir, names[index]).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
             )
-            if found:
-                return index, str(found[-1])
-        raise UsageError(f"no checkpoint to resume under {output_dir}")
+            for path in reversed(found):
+                problem = checkpoint_problem(path)
+                if problem is None:
+                    return index, str(path)
+                print(f"skipping incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+                skipped = True
+        if not skipped:
+            raise UsageError(f"no checkpoint to resume under {output_dir}")
+        print(f"no complete checkpoint under {output_dir}: training starts from the beginning", file=sys.stderr, flush=True)
+        return 0, None
     path = Path(checkpoint)
     if not path.is_dir():
         raise UsageError(f"checkpoint not found: {checkpoint}")
     if path.parent.name not in names:
         raise UsageError(f"checkpoint {checkpoint} is not inside a stage folder ({', '.join(names)})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UsageError(f"checkpoint {checkpoint} cannot be resumed: {problem}; resume from an earlier checkpoint "
+                         "or pass --resume_from_checkpoint latest, which skips broken ones")
     return names.index(path.parent.name), str(path)
 
 
 def _metrics(entry: dict) -> dict:
     """eval_* values with the prefix removed, without the timing keys."""
     return {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and not re.search(r"(runtime|per_second|preparation_time)$", k)}
+
+
+def _remedy(output_dir: str, stages: list[Stage], start: int) -> str:
+    """How to get past a damaged record of the prune before stage `start`: redo it from the stage before."""
+    previous = stages[start - 1].name
+    found = sorted(Path(output_dir, previous).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    usable = [p for p in found if checkpoint_problem(p) is None]
+    if not usable:
+        return f"no {previous} checkpoint is left to redo it from: start again with --overwrite_output_dir"
+    return f"resume from {previous} with --resume_from_checkpoint {usable[-1]} (the pruning is redone deterministically)"
+
+
+def read_prune_records(output_dir: str, stages: list[Stage], start: int):
+    """(prune reports, stage summaries, stage-1 ranks) written before stage `start`, for resuming it; a
+    missing or damaged one is reported with the way out."""
+    try:
+        reports = [json.loads(Path(output_dir, prune_files(stages, i)[1]).read_text())
+                   for i in range(start) if stages[i].prunes]
+        summaries = [json.loads(Path(output_dir, s.name, STAGE_SUMMARY_FILE).read_text()) for s in stages[:start]]
+        stage1_ranks = {name: module["old_rank"] for name, module in reports[0]["modules"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"{output_dir}: the record of the pruning step is missing or damaged ({_describe(error)}); "
+                         f"{_remedy(output_dir, stages, start)}") from error
+    return reports, summaries, stage1_ranks
+
+
+def load_pruned_adapter(load_model: Callable[[], torch.nn.Module], output_dir: str, stages: list[Stage], start: int):
+    """The model with the adapter pruned before stage `start`, for resuming it."""
+    adapter = Path(output_dir, prune_files(stages, start - 1)[0])
+    model = load_model()
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except Exception as error:  # missing folder, damaged safetensors, shape mismatch: many exception types
+        raise UsageError(f"{adapter} cannot be loaded ({_describe(error)}); {_remedy(output_dir, stages, start)}") from error
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def evaluation_history(trainer: Trainer) -> list[dict]:
@@ -202,32 +292,27 @@ def train_stages(
     track_sensitivity = method_args.method == "lorpa" and method_args.prune_score == "sensitivity"
     total_steps = optimizer_steps(num_train_examples, training_args, training_args.num_train_epochs)
 
-    reports = [
-        json.loads(Path(output_dir, prune_files(stages, i)[1]).read_text()) for i in range(start) if stages[i].prunes
-    ]
+    reports, summaries, stage1_ranks = read_prune_records(output_dir, stages, start) if start > 0 else ([], [], None)
     if start > 0:
         snapshot = None
         if method_args.rewind == "init" and any(stage.prunes for stage in stages[start:]):
             snapshot = _resumed_init_snapshot(attach_adapters(load_model(), method_args, task_type, total_steps), reports)
-        adapter_dir = Path(output_dir, prune_files(stages, start - 1)[0])
-        model = PeftModel.from_pretrained(load_model(), adapter_dir, is_trainable=True)
+        model = load_pruned_adapter(load_model, output_dir, stages, start)
         if snapshot is not None:
             load_init_state_dict(model, snapshot)
         prune_report = reports[-1]
-        stage1_ranks = {name: module["old_rank"] for name, module in reports[0]["modules"].items()}
     else:
         if method_args.stage1_adapter is not None:
             model = PeftModel.from_pretrained(load_model(), method_args.stage1_adapter, is_trainable=True)
         else:
             model = attach_adapters(load_model(), method_args, task_type, total_steps)
-        prune_report, stage1_ranks = None, None
+        prune_report = None
         if method_args.method == "lorpa":
             try:
                 check_prune_arguments(model, **prune_kwargs)
             except ValueError as error:
                 raise UsageError(str(error)) from error
 
-    summaries = [json.loads(Path(output_dir, s.name, STAGE_SUMMARY_FILE).read_text()) for s in stages[:start]]
     for index, stage in enumerate(stages[start:], start=start):
         stage_args = dataclasses.replace(
             training_args,

