@@ -4,8 +4,8 @@
 
 The output is a standard peft adapter (per-module ranks and alphas in `rank_pattern` /
 `alpha_pattern`) with the tensors `lorpa.prune` gives on the loaded model, plus `prune_report.json`;
-every other file of ADAPTER_DIR (tokenizer, README, ...) is copied through. The adapter is read one
-module at a time and written as it goes, so memory stays near one module's size whatever the model.
+every other file of ADAPTER_DIR (tokenizer, README, ...) is copied through. Tensors are read and
+written one at a time, so the data in hand is one module's, whatever the size of the model.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 from .cli import UsageError, raise_usage_error, run_cli
-from .outputs import write_json_atomic
 from .pruning import SCOPES, ModulePruning, PruneReport, _kept_count, _pruned_alpha, _select_global, _select_module, _update_config
 from .scoring import elementwise_scores, magnitude_scores, random_scores
 
@@ -58,18 +57,26 @@ class AdaptedModule:
 
 
 class WeightsFile:
-    """The tensors of adapter_model.safetensors (memory-mapped, read one at a time) or adapter_model.bin."""
+    """The tensors of adapter_model.safetensors or adapter_model.bin, read one at a time.
+
+    safetensors' reader memory-maps the file, and every page it touches then stays in this
+    process's memory until the file is closed; reading each tensor with a plain read keeps memory
+    to the tensors in hand. safetensors still checks the file (header, offsets, size) first.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         try:
             if path.suffix == ".safetensors":
-                self._safetensors = safe_open(str(path), framework="pt")
-                self.keys = list(self._safetensors.keys())
-                slices = {key: self._safetensors.get_slice(key) for key in self.keys}
-                self.shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
-                self.dtypes = {key: SAFETENSORS_DTYPES.get(s.get_dtype()) for key, s in slices.items()}
-                self.metadata = self._safetensors.metadata() or {"format": "pt"}
+                with safe_open(str(path), framework="pt") as checked:
+                    self.keys = list(checked.keys())
+                    self.metadata = checked.metadata() or {"format": "pt"}
+                with open(path, "rb") as stream:
+                    length = int.from_bytes(stream.read(8), "little")
+                    self._entries = json.loads(stream.read(length))
+                self._data_start = 8 + length
+                self.shapes = {key: tuple(self._entries[key]["shape"]) for key in self.keys}
+                self.dtypes = {key: SAFETENSORS_DTYPES.get(self._entries[key]["dtype"]) for key in self.keys}
             else:
                 self._state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 self.keys = list(self._state)
@@ -83,10 +90,15 @@ class WeightsFile:
             raise ValueError(f"{path}: tensor {unknown[0]} has a data type this tool cannot copy")
 
     def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._safetensors.get_tensor(key) if self.path.suffix == ".safetensors" else self._state[key]
-        except (SafetensorError, OSError, RuntimeError) as error:
-            raise ValueError(f"cannot read tensor {key} from {self.path}: {first_line(error)}") from error
+        if self.path.suffix != ".safetensors":
+            return self._state[key]
+        tensor = torch.empty(self.shapes[key], dtype=self.dtypes[key])
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        with open(self.path, "rb") as stream:
+            stream.seek(self._data_start + self._entries[key]["data_offsets"][0])
+            if stream.readinto(buffer) != len(buffer):
+                raise ValueError(f"cannot read tensor {key} from {self.path}: the file ends early")
+        return tensor
 
 
 def first_line(error: Exception) -> str:
@@ -305,17 +317,29 @@ def prune_saved_adapter(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.", suffix=".tmp"))
     try:
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp's folder is private; the output should not be
         for item in adapter_dir.iterdir():
             if item.name not in (CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, REPORT_FILE):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         write_safetensors(staging / SAFETENSORS_FILE, [entry(key) for key in weights.keys], weights.metadata)
-        write_json_atomic(staging / CONFIG_FILE, pruned_config(config, report))
-        write_json_atomic(staging / REPORT_FILE, report.to_dict())
+        write_json(staging / CONFIG_FILE, pruned_config(config, report))
+        write_json(staging / REPORT_FILE, report.to_dict())
         replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, data) -> None:
+    """The layout of lorpa's other JSON outputs; atomicity comes from renaming the whole folder."""
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def replace_folder(staging: Path, output_dir: Path) -> None:

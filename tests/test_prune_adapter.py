@@ -128,6 +128,9 @@ def test_bin_adapter_and_modules_to_save_and_other_files(tmp_path):
         "README.md", "adapter_config.json", "adapter_model.safetensors", "prune_report.json", "tokenizer.json"
     ]
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"tokenizer": true}'
+    mode = {path.name: path.stat().st_mode & 0o777 for path in [adapter, *adapter.iterdir()]}
+    assert (tmp_path / "out").stat().st_mode & 0o777 == mode["adapter"]  # not a private temporary folder
+    assert (tmp_path / "out" / "adapter_config.json").stat().st_mode & 0o777 == mode["adapter_config.json"]
 
 
 def test_overwrite_replaces_an_earlier_output(tmp_path):
