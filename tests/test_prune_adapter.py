@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorpa
+import lorpa.prune_adapter
 from lorpa.cli import run_cli
 from lorpa.prune_adapter import main
 
@@ -141,6 +142,22 @@ def test_overwrite_replaces_an_earlier_output(tmp_path):
     assert run_cli(main, [str(adapter), str(output), "--target_rank", "4", "--overwrite"]) == 0
     assert not (output / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]  # no staging folders left
+
+
+def test_failure_while_writing_leaves_earlier_output_and_no_temporary_folder(tmp_path, monkeypatch):
+    adapter = save_adapter(tmp_path / "adapter")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "results.json").write_text("{}")
+
+    def disk_full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lorpa.prune_adapter, "write_json", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main([str(adapter), str(output), "--target_rank", "4", "--overwrite"])
+    assert [p.name for p in output.iterdir()] == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "out"]
 
 
 def folder_state(path):
