@@ -358,6 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m lorpa.prune_adapter",
         description="Prune a saved peft LoRA adapter from its files alone (no base model, no GPU) into a standard "
         "peft adapter with per-module rank_pattern / alpha_pattern and prune_report.json; other files are copied.",
+        epilog="The tensors equal lorpa.prune's on the loaded model; the output loads with PeftModel.from_pretrained.",
     )
     parser.error = raise_usage_error
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
@@ -365,10 +366,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     amount = parser.add_mutually_exclusive_group(required=True)
     amount.add_argument("--target_rank", type=int, help="rank components kept per module (module scope) or on average (global)")
     amount.add_argument("--ratio", type=float, help="fraction of each module's rank pruned, in [0, 1)")
-    parser.add_argument("--score", default="magnitude", help=f"{' | '.join(FILE_SCORES)} (default: magnitude, the paper's)")
-    parser.add_argument("--scope", default="module", help="module: the same count everywhere; global: one budget over all modules")
+    parser.add_argument("--score", default="magnitude", metavar="|".join(FILE_SCORES), help="component score (default: magnitude, the paper's)")
+    parser.add_argument("--scope", default="module", metavar="|".join(SCOPES), help="module: the same count everywhere; global: one budget over all modules")
     parser.add_argument("--min_rank", type=int, default=1, help="no module keeps fewer components (default: 1)")
-    parser.add_argument("--alpha", default="keep_scaling", help="keep_scaling (keep each module's alpha/r) or a new lora_alpha")
+    parser.add_argument("--alpha", default="keep_scaling", metavar="keep_scaling|X", help="keep_scaling (keep each module's alpha/r) or a new lora_alpha")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random score")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     args = parser.parse_args(argv)
