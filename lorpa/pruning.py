@@ -168,9 +168,11 @@ def _update_config(model: nn.Module, adapter_name: str, report: PruneReport) -> 
     names = sorted(report.modules, key=len, reverse=True)
     config.rank_pattern = {name: report.modules[name].new_rank for name in names}
     config.alpha_pattern = {name: report.modules[name].new_alpha for name in names}
-    common_rank = Counter(config.rank_pattern.values()).most_common(1)[0][0]
-    config.r = common_rank
-    config.lora_alpha = next(m.new_alpha for m in report.modules.values() if m.new_rank == common_rank)
+    # The top-level r / lora_alpha are unused (the patterns name every module); chosen independently of
+    # module order, so pruning the model and pruning its saved files write the same config.
+    counts = Counter(config.rank_pattern.values())
+    config.r = max(counts, key=lambda rank: (counts[rank], rank))
+    config.lora_alpha = report.modules[min(n for n in names if report.modules[n].new_rank == config.r)].new_alpha
 
 
 def check_prune_arguments(
