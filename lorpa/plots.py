@@ -24,13 +24,15 @@ _BLOCK_ORDER = ("enc", "dec", "cross", "")
 @dataclass
 class RankGrid:
     """Heat-map data for the module in row i, column j (NaN: none): its surviving rank, its rank before
-    pruning, and the share of its score mass (sum of its components' scores) that the kept ones hold."""
+    pruning, the share of its score mass (sum of its components' scores) that the kept ones hold, and
+    the relative error of its update ‖ΔW_before − ΔW_after‖_F / ‖ΔW_before‖_F (NaN in older reports)."""
 
     rows: list[str]
     columns: list[str]
     new_rank: np.ndarray
     old_rank: np.ndarray
     kept_mass: np.ndarray
+    relative_error: np.ndarray
 
 
 def kept_mass(module: dict) -> float:
@@ -75,7 +77,8 @@ def _fallback_grid(modules: dict) -> RankGrid:
     new = np.array([[modules[n]["new_rank"]] for n in names], dtype=float)
     old = np.array([[modules[n]["old_rank"]] for n in names], dtype=float)
     mass = np.array([[kept_mass(modules[n])] for n in names], dtype=float)
-    return RankGrid(rows=names, columns=["module"], new_rank=new, old_rank=old, kept_mass=mass)
+    error = np.array([[modules[n].get("relative_error", np.nan)] for n in names], dtype=float)
+    return RankGrid(rows=names, columns=["module"], new_rank=new, old_rank=old, kept_mass=mass, relative_error=error)
 
 
 def rank_grid(prune_report: dict) -> RankGrid:
@@ -99,15 +102,16 @@ def rank_grid(prune_report: dict) -> RankGrid:
     layers = sorted({layer for _, layer, _ in located.values()})
     keys = list(columns)
     new = np.full((len(layers), len(keys)), np.nan)
-    old, mass = np.full_like(new, np.nan), np.full_like(new, np.nan)
+    old, mass, error = np.full_like(new, np.nan), np.full_like(new, np.nan), np.full_like(new, np.nan)
     for name, (block, layer, suffix) in located.items():
         i, j = layers.index(layer), keys.index((block, suffix))
         if not np.isnan(new[i, j]):
             return _fallback_grid(modules)
         new[i, j], old[i, j] = modules[name]["new_rank"], modules[name]["old_rank"]
         mass[i, j] = kept_mass(modules[name])
+        error[i, j] = modules[name].get("relative_error", np.nan)
     return RankGrid(rows=[str(layer) for layer in layers], columns=list(columns.values()), new_rank=new,
-                    old_rank=old, kept_mass=mass)
+                    old_rank=old, kept_mass=mass, relative_error=error)
 
 
 def _split_scores(module: dict) -> tuple[list[float], list[float]]:
@@ -136,15 +140,21 @@ def heatmap_panel(grid: RankGrid) -> tuple[np.ndarray, str, str, str]:
     """
     ranks = grid.new_rank[~np.isnan(grid.new_rank)]
     if ranks.min() == ranks.max():
-        return (100 * grid.kept_mass, "{:.0f}", f"(a) score mass kept per module, % (each keeps rank {ranks[0]:g})",
+        return (100 * grid.kept_mass, "{:.0f}", f"(a) score mass kept, % (rank {ranks[0]:g} each)",
                 f"% of the module's score mass kept (rank before: {_old_rank_text(grid)})")
     return (grid.new_rank, "{:g}", "(a) surviving rank per module",
             f"rank after pruning (before: {_old_rank_text(grid)})")
 
 
-def _draw_heatmap(ax, fig: Figure, grid: RankGrid) -> None:
+def error_panel(grid: RankGrid) -> tuple[np.ndarray, str, str, str]:
+    """What the prune cost each module's update: its relative Frobenius error, in %."""
+    return (100 * grid.relative_error, "{:.0f}", "(c) update lost per module, %",
+            "relative error ‖ΔW − ΔW_pruned‖ / ‖ΔW‖, %")
+
+
+def _draw_heatmap(ax, fig: Figure, grid: RankGrid, panel: tuple[np.ndarray, str, str, str]) -> None:
     """Colours span 0..largest value shown, so differences between modules stay visible."""
-    values, cell, title, label = heatmap_panel(grid)
+    values, cell, title, label = panel
     vmax = max(1.0, float(np.nanmax(values)))
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
@@ -229,7 +239,8 @@ def _title(prune_report: dict) -> str:
 
 
 def prune_figure(prune_report: dict) -> Figure:
-    """The heat map of one prune report and its score histogram, side by side.
+    """The heat map of one prune report, its score histogram and (when recorded) each module's
+    relative error, side by side.
 
     The figure grows with the grid (about 0.75 in per column, 0.32 in per row), so the 8-pt cell
     numbers stay readable from RoBERTa-base up to BART-large with every projection adapted.
@@ -238,10 +249,14 @@ def prune_figure(prune_report: dict) -> Figure:
     heat_width = max(3.5, 0.75 * len(grid.columns) + 2.5)
     label_room = max(len(r) for r in grid.rows) * 0.07
     height = max(4.5, 0.32 * len(grid.rows) + 2.0)
-    fig = Figure(figsize=(heat_width + label_room + 6.0, height), layout="constrained")
-    heat_ax, score_ax = fig.subplots(1, 2, width_ratios=[heat_width + label_room, 6.0])
-    _draw_heatmap(heat_ax, fig, grid)
-    _draw_scores(score_ax, prune_report)
+    with_error = not np.all(np.isnan(grid.relative_error))
+    widths = [heat_width + label_room, 6.0] + ([heat_width + label_room] if with_error else [])
+    fig = Figure(figsize=(sum(widths), height), layout="constrained")
+    axes = fig.subplots(1, len(widths), width_ratios=widths)
+    _draw_heatmap(axes[0], fig, grid, heatmap_panel(grid))
+    _draw_scores(axes[1], prune_report)
+    if with_error:
+        _draw_heatmap(axes[2], fig, grid, error_panel(grid))
     fig.suptitle(_title(prune_report))
     return fig
 

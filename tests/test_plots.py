@@ -119,3 +119,15 @@ def test_histogram_says_it_is_stacked_and_labels_its_log_axis():
     figure.canvas.draw()
     labels = [label.get_text() for label in scores_axis.get_xticklabels() if label.get_text()]
     assert len(labels) >= 5
+
+
+def test_relative_errors_get_their_own_panel_in_their_module_cells():
+    report = prune_report(ROBERTA)
+    errors = {name: 0.1 * (i + 1) for i, name in enumerate(report["modules"])}
+    for name, module in report["modules"].items():
+        module["relative_error"] = errors[name]
+    grid = rank_grid(report)
+    layer2_value = "base_model.model.roberta.encoder.layer.2.attention.self.value"
+    assert grid.relative_error[2, grid.columns.index("value")] == pytest.approx(errors[layer2_value])
+    assert [ax.get_title() for ax in prune_figure(report).axes if ax.get_title()][-1].startswith("(c) update lost")
+    assert len([ax for ax in prune_figure(prune_report(ROBERTA)).axes if ax.get_title().startswith("(c)")]) == 0
