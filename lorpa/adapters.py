@@ -19,13 +19,21 @@ from .cli import UsageError
 from . import rewind
 
 
+def target_modules(args: MethodArguments) -> list[str] | str | None:
+    """peft takes its `all-linear` shorthand only as a plain string, never inside a list."""
+    targets = args.lora_target_modules
+    if targets and len(targets) == 1 and targets[0].lower() == "all-linear":
+        return "all-linear"
+    return targets
+
+
 def lora_config(args: MethodArguments, task_type: str) -> LoraConfig:
     return LoraConfig(
         task_type=task_type,
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
+        target_modules=target_modules(args),
         modules_to_save=args.modules_to_save,
     )
 
@@ -37,7 +45,7 @@ def adalora_config(args: MethodArguments, task_type: str, total_steps: int) -> A
         target_r=args.adalora_target_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=args.lora_target_modules,
+        target_modules=target_modules(args),
         modules_to_save=args.modules_to_save,
         total_step=total_steps,
         tinit=int(args.adalora_tinit_ratio * total_steps),

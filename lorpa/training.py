@@ -40,6 +40,7 @@ STAGE_SUMMARY_FILE = "stage_summary.json"
 class Stage:
     name: str
     epochs: float
+    max_steps: int = -1  # > 0: the stage's share of --max_steps, which overrides epochs
 
 
 @dataclasses.dataclass
@@ -53,11 +54,13 @@ class TrainingOutcome:
     prune_report: PruneReport | dict | None
 
 
-def plan_stages(args: MethodArguments, num_train_epochs: float) -> list[Stage]:
+def plan_stages(args: MethodArguments, num_train_epochs: float, max_steps: int = -1) -> list[Stage]:
     if args.method != "lorpa":
-        return [Stage("train", num_train_epochs)]
+        return [Stage("train", num_train_epochs, max_steps)]
     stage1 = num_train_epochs * args.stage1_ratio
-    return [Stage("stage1", stage1), Stage("stage2", num_train_epochs - stage1)]
+    steps1 = max(1, round(max_steps * args.stage1_ratio)) if max_steps > 0 else -1
+    steps2 = max(1, max_steps - steps1) if max_steps > 0 else -1
+    return [Stage("stage1", stage1, steps1), Stage("stage2", num_train_epochs - stage1, steps2)]
 
 
 def optimizer_steps(num_examples: int, training_args: TrainingArguments, epochs: float) -> int:
@@ -139,7 +142,7 @@ def train_stages(
 ) -> TrainingOutcome:
     """Train every stage of the method, pruning between lorpa's two, and save the final model."""
     output_dir = training_args.output_dir
-    stages = plan_stages(method_args, training_args.num_train_epochs)
+    stages = plan_stages(method_args, training_args.num_train_epochs, training_args.max_steps)
     start, checkpoint = find_resume_point(training_args.resume_from_checkpoint, output_dir, stages)
     prune_kwargs = method_args.prune_kwargs(training_args.seed)
 
@@ -163,6 +166,7 @@ def train_stages(
             training_args,
             output_dir=str(Path(output_dir, stage.name)),
             num_train_epochs=stage.epochs,
+            max_steps=stage.max_steps,
             resume_from_checkpoint=None,
         )
         trainer = make_trainer(model, stage_args)
