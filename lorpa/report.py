@@ -41,6 +41,7 @@ GLUE_COLUMNS = {
 }
 ROUGE_COLUMNS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "rougeLsum": "R-Lsum"}
 DATASET_NAMES = {"xsum": "XSum", "cnn_dailymail": "CNN/DM"}
+MATH_TASKS = {"gsm8k": "GSM8K"}  # run_clm.py: accuracy is the final-number exact match of generated answers
 METHOD_ORDER = {"full": 0, "lora": 1, "adalora": 2, "lorpa": 3}
 
 
@@ -137,6 +138,10 @@ def _metric_values(record: dict, metrics: dict) -> tuple[str, dict[str, float]]:
         if not _number(metrics.get(key)):
             raise ValueError(f"metric {key!r} missing")
         return "GLUE", {column: 100 * metrics[key]}
+    if task in MATH_TASKS:
+        if not _number(metrics.get("accuracy")):
+            raise ValueError("metric 'accuracy' missing")
+        return "Math", {f"{MATH_TASKS[task]} acc": 100 * metrics["accuracy"]}
     name = task_name(task)
     values = {f"{name} {label}": metrics[key] for key, label in ROUGE_COLUMNS.items() if _number(metrics.get(key))}
     if not values:
@@ -292,6 +297,8 @@ def _caption(table: Table, metric: str) -> str:
     if table.benchmark == "GLUE":
         units = ("scores ×100: MNLI matched accuracy, CoLA Matthews correlation, STS-B Pearson, other tasks "
                  "accuracy; Avg. only for rows with every task")
+    elif table.benchmark == "Math":
+        units = "accuracy ×100 (exact match of the generated final number)"
     else:
         units = "ROUGE F1 ×100"
     return f"Mean±std over seeds (sample std; one seed: mean only) of the final stage's {which}; {units}."
