@@ -5,9 +5,12 @@ from .pruning import ModulePruning, PruneReport, check_prune_arguments, prune
 from .rewind import get_peft_model, init_state_dict, load_init_state_dict, record_init
 from .scoring import rank_scores
 
+_TRAINER_API = ("TwoStageResult", "train_two_stage")  # imported on first use: they pull in transformers.Trainer
+
 __all__ = [
     "ModulePruning",
     "PruneReport",
+    "TwoStageResult",
     "check_prune_arguments",
     "get_peft_model",
     "init_state_dict",
@@ -16,4 +19,13 @@ __all__ = [
     "prune",
     "rank_scores",
     "record_init",
+    "train_two_stage",
 ]
+
+
+def __getattr__(name):
+    if name in _TRAINER_API:
+        from . import two_stage
+
+        return getattr(two_stage, name)
+    raise AttributeError(f"module 'lorpa' has no attribute {name!r}")

@@ -1,0 +1,104 @@
+"""`lorpa.train_two_stage` with a user's own Trainer subclass, in one process and under 2-process gloo DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import lorpa
+
+KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def token_data(n=16, length=10):
+    ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(1)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+class StepCountingTrainer(Trainer):
+    """A user's Trainer subclass with its own compute_loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.loss_calls = getattr(self, "loss_calls", 0) + 1
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def training_args(output_dir, **overrides):
+    values = dict(max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+                  save_strategy="no", disable_tqdm=True, use_cpu=True)
+    return TrainingArguments(str(output_dir), **{**values, **overrides})
+
+
+def test_a_trainer_subclass_gets_two_stages_and_a_fresh_optimizer(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                                          target_modules="all-linear"))
+    trainers = []
+
+    def make_trainer(model, args):
+        trainers.append(StepCountingTrainer(model=model, args=args, train_dataset=token_data()))
+        return trainers[-1]
+
+    result = lorpa.train_two_stage(model, make_trainer, training_args(tmp_path), stage1_ratio=0.4, target_rank=2)
+    first, second = trainers
+    assert result.trainer is second and first is not second
+    assert (first.state.global_step, second.state.global_step) == (2, 3) and second.loss_calls == 3
+    assert (first.args.output_dir, second.args.output_dir) == (str(tmp_path / "stage1"), str(tmp_path / "stage2"))
+    assert {name.split(".")[-1] for name in result.prune_report.ranks} == KINDS
+    assert set(result.prune_report.ranks.values()) == {2} and set(result.prune_report.old_ranks.values()) == {8}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    optimized = {id(p) for group in second.optimizer.param_groups for p in group["params"]}
+    assert optimized == trainable  # stage 2 optimizes the pruned tensors, not stage 1's
+    assert (tmp_path / "prune_report.json").is_file() and (tmp_path / "pruned_adapter" / "adapter_config.json").is_file()
+
+    result.trainer.save_model(str(tmp_path / "final"))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "final").eval()
+    inputs = torch.tensor(token_data(3)["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(inputs).logits, result.model.eval()(inputs).logits, atol=1e-6)
+
+
+def test_epochs_are_split_when_no_max_steps(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    result = lorpa.train_two_stage(
+        model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()),
+        training_args(tmp_path, max_steps=-1, num_train_epochs=5), target_rank=1,
+    )
+    assert result.trainer.args.num_train_epochs == pytest.approx(4) and result.trainer.state.global_step == 16
+
+
+def test_bad_pruning_options_fail_before_training(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    built = []
+    with pytest.raises(ValueError, match="target_rank 6 exceeds the rank"):
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), target_rank=6)
+    with pytest.raises(ValueError, match="stage1_ratio must be in"):
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), stage1_ratio=1.0, target_rank=2)
+    assert not built
+
+
+def test_two_gloo_processes_keep_the_same_components_and_stay_in_sync(tmp_path):
+    script = Path(__file__).with_name("ddp_two_stage.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    records = [json.loads((tmp_path / f"process{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world_sizes"] == [2, 2] for r in records)  # both stages ran under DDP
+    assert records[0]["kept"] == records[1]["kept"]  # rank 0's choice, although each process seeded its own
+    assert set(records[0]["ranks"].values()) == {2} and len(records[0]["ranks"]) == 14
+    assert all(r["steps"] == 3 and r["trained"] for r in records)
+    assert records[0]["weights"] == records[1]["weights"]  # stage 2's re-wrapped model synchronised gradients
