@@ -9,6 +9,7 @@ import yaml
 from conftest import assert_one_line_failure
 from datasets import Dataset
 from peft import PeftModel
+from safetensors.torch import load_file
 from tiny_assets import write_jsonl, write_tiny_decoder
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
@@ -202,6 +203,16 @@ def test_other_methods_run_end_to_end(llama_dir, data_files, tmp_path, method):
         assert set(results["ranks"].values()) == {8}
     if method == "full":
         assert AutoModelForCausalLM.from_pretrained(output_dir) is not None
+
+
+def test_gradient_checkpointing_on_bf16_weights_still_trains_float32_adapters(llama_dir, data_files, tmp_path):
+    output_dir = tmp_path / "out"
+    run_clm.main(argv_for(llama_dir, output_dir, data_files, "--method", "lora", "--gradient_checkpointing", "true",
+                          "--torch_dtype", "bfloat16"))
+    weights = load_file(output_dir / "adapter_model.safetensors")
+    lora_B = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_B and all(w.dtype == torch.float32 for w in weights.values())
+    assert all(w.abs().sum() > 0 for w in lora_B)  # peft starts B at zero: gradients reached every adapter
 
 
 def test_chat_template_model_with_pad_token_runs(qwen_dir, data_files, tmp_path):

@@ -102,3 +102,27 @@ def test_two_gloo_processes_keep_the_same_components_and_stay_in_sync(tmp_path):
     assert set(records[0]["ranks"].values()) == {2} and len(records[0]["ranks"]) == 14
     assert all(r["steps"] == 3 and r["trained"] for r in records)
     assert records[0]["weights"] == records[1]["weights"]  # stage 2's re-wrapped model synchronised gradients
+
+
+def test_trl_sft_trainer_runs_both_stages(tmp_path):
+    trl = pytest.importorskip("trl")  # an optional extra: `pip install -e ".[trl]"`
+    from tiny_assets import write_tiny_decoder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorpa.clm.arithmetic import arithmetic_rows
+
+    torch.manual_seed(0)
+    folder = write_tiny_decoder(tmp_path / "model", "qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = [{"prompt": row["question"], "completion": " " + row["answer"]} for row in arithmetic_rows(16, 0)]
+    model = lorpa.get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                                 LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear"))
+    config = trl.SFTConfig(str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                           report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, max_length=96)
+    result = lorpa.train_two_stage(
+        model,
+        lambda m, a: trl.SFTTrainer(model=m, args=a, train_dataset=Dataset.from_list(rows), processing_class=tokenizer),
+        config, target_rank=2,
+    )
+    assert isinstance(result.trainer, trl.SFTTrainer) and isinstance(result.trainer.args, trl.SFTConfig)
+    assert result.trainer.state.global_step == 3 and set(result.prune_report.ranks.values()) == {2}
