@@ -10,9 +10,14 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from tiny_assets import write_tiny_decoder
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import lorpa
+from lorpa.clm.arithmetic import arithmetic_rows
+from lorpa.clm.data import PromptFormatter, pad_id
+from lorpa.clm.evaluation import GenerationEvalTrainer
+from lorpa.clm.gsm8k import gsm8k_metrics
 
 KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -90,10 +95,13 @@ def test_bad_pruning_options_fail_before_training(tmp_path):
     assert not built
 
 
-def test_two_gloo_processes_keep_the_same_components_and_stay_in_sync(tmp_path):
+def test_two_gloo_processes_keep_the_same_components_stay_in_sync_and_share_generation(tmp_path):
+    torch.manual_seed(0)
+    model_dir = write_tiny_decoder(tmp_path / "model", "llama")
     script = Path(__file__).with_name("ddp_two_stage.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path), str(model_dir)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     records = [json.loads((tmp_path / f"process{rank}.json").read_text()) for rank in (0, 1)]
@@ -103,14 +111,21 @@ def test_two_gloo_processes_keep_the_same_components_and_stay_in_sync(tmp_path):
     assert all(r["steps"] == 3 and r["trained"] for r in records)
     assert records[0]["weights"] == records[1]["weights"]  # stage 2's re-wrapped model synchronised gradients
 
+    # the sharded evaluation gathers every answer, in dataset order, on every process
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "final").eval()
+    questions = [row["question"] for row in arithmetic_rows(7, 1)]
+    formatter = PromptFormatter(tokenizer)
+    single = GenerationEvalTrainer(
+        model=reloaded, args=TrainingArguments(str(tmp_path / "one"), per_device_eval_batch_size=7, report_to="none"),
+        processing_class=tokenizer, prompts=[formatter.prompt_ids(q) for q in questions], references=["#### 1"] * 7,
+        score=gsm8k_metrics, max_new_tokens=6, pad_token_id=pad_id(tokenizer),
+    ).generate_answers()
+    assert records[0]["answers"] == records[1]["answers"] == single and all(single)
+
 
 def test_trl_sft_trainer_runs_both_stages(tmp_path):
     trl = pytest.importorskip("trl")  # an optional extra: `pip install -e ".[trl]"`
-    from tiny_assets import write_tiny_decoder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lorpa.clm.arithmetic import arithmetic_rows
-
     torch.manual_seed(0)
     folder = write_tiny_decoder(tmp_path / "model", "qwen2")
     tokenizer = AutoTokenizer.from_pretrained(folder)
