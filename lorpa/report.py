@@ -131,19 +131,19 @@ def task_name(task: str) -> str:
 
 
 def _metric_values(record: dict, metrics: dict) -> tuple[str, dict[str, float]]:
-    """(benchmark, {column: value}) in table units: GLUE ×100, ROUGE as stored (already ×100)."""
+    """(benchmark, {column: value}) in table units: GLUE and math accuracy ×100, ROUGE as stored (already ×100)."""
     task = record["task"]
     if task in GLUE_COLUMNS:
         column, key = GLUE_COLUMNS[task]
         if not _number(metrics.get(key)):
             raise ValueError(f"metric {key!r} missing")
         return "GLUE", {column: 100 * metrics[key]}
-    if task in MATH_TASKS:
-        if not _number(metrics.get("accuracy")):
-            raise ValueError("metric 'accuracy' missing")
-        return "Math", {f"{MATH_TASKS[task]} acc": 100 * metrics["accuracy"]}
     name = task_name(task)
     values = {f"{name} {label}": metrics[key] for key, label in ROUGE_COLUMNS.items() if _number(metrics.get(key))}
+    if not values and (task in MATH_TASKS or record.get("main_metric") == "accuracy"):
+        if not _number(metrics.get("accuracy")):
+            raise ValueError("metric 'accuracy' missing")
+        return "Math", {f"{MATH_TASKS.get(task, task)} acc": 100 * metrics["accuracy"]}
     if not values:
         raise ValueError(f"task {task!r} is not GLUE and has no ROUGE metrics")
     return "Summarization", values
@@ -199,6 +199,9 @@ def _column_key(column: str) -> tuple:
     glue = [label for label, _ in GLUE_COLUMNS.values()]
     if column in glue:
         return (0, glue.index(column))
+    if column.endswith(" acc"):
+        math = [f"{name} acc" for name in MATH_TASKS.values()]
+        return (2, math.index(column) if column in math else len(math), column)
     dataset, metric = column.rsplit(" ", 1)
     datasets = list(DATASET_NAMES.values())
     known = datasets.index(dataset) if dataset in datasets else len(datasets)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import lorpa
 import run_clm
+from lorpa import report
 from lorpa.arguments import MethodArguments, ModelArguments
 from lorpa.cli import parse_args
 from lorpa.clm.arguments import ClmModelArguments
@@ -173,6 +174,10 @@ def test_two_stage_all_linear_run_reloads_with_plain_peft(llama_dir, data_files,
         references=validation["answer"], score=gsm8k_metrics, max_new_tokens=8, pad_token_id=pad_id(tokenizer),
     )
     assert trainer.generate_answers() == read_predictions(output_dir)  # the saved adapter answers as reported
+
+    report.main([str(output_dir), "--out", str(tmp_path / "summary")])
+    table = (tmp_path / "summary.md").read_text()
+    assert "| GSM8K acc |" not in table and "| local acc |" in table  # local data: named as such
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(llama_dir, tmp_path):
