@@ -19,15 +19,19 @@ process keep rank 0's components.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .cli import UsageError
+from .layers import lora_layers, resolve_adapter, unwrap
 from .outputs import write_json_atomic
-from .pruning import PruneReport, check_prune_arguments, prune
-from .training import PRUNE_REPORT_FILE, PRUNED_ADAPTER_DIR
+from .pruning import ModulePruning, PruneReport, _shrink_layer, _update_config, check_prune_arguments, prune
+from .training import PRUNE_REPORT_FILE, PRUNED_ADAPTER_DIR, Stage, find_resume_point
 
 STAGE_NAMES = ("stage1", "stage2")
 
@@ -59,6 +63,27 @@ def split_schedule(args: TrainingArguments, stage1_ratio: float) -> tuple[Traini
     )
 
 
+def read_prune_report(path: str | Path) -> PruneReport:
+    values = json.loads(Path(path).read_text())
+    modules = {name: ModulePruning(**module) for name, module in values.pop("modules").items()}
+    return PruneReport(**values, modules=modules)
+
+
+def apply_prune_report(model: nn.Module, report: PruneReport) -> None:
+    """Give an r0 model the shapes, alphas and config of an earlier pruning (its values come from a checkpoint)."""
+    model = unwrap(model)
+    adapter_name = resolve_adapter(model, None)
+    layers = lora_layers(model, adapter_name)
+    if set(layers) != set(report.modules):
+        raise ValueError("the prune report names other modules than the model's LoRA layers")
+    for name, layer in layers.items():
+        module = report.modules[name]
+        if layer.r[adapter_name] != module.old_rank:
+            raise ValueError(f"{name} has rank {layer.r[adapter_name]}; the prune report started from {module.old_rank}")
+        _shrink_layer(layer, adapter_name, torch.tensor(module.kept), module.new_alpha, "none")
+    _update_config(model, adapter_name, report)
+
+
 def train_two_stage(
     model: nn.Module,
     make_trainer: Callable[[nn.Module, TrainingArguments], Trainer],
@@ -73,6 +98,7 @@ def train_two_stage(
     alpha: str | float = "keep_scaling",
     rewind: str = "none",
     seed: int | None = None,
+    resume_from_checkpoint: str | None = None,
 ) -> TwoStageResult:
     """Train `model` (a peft LoRA model at rank r0) in two stages with LoRPA pruning between them.
 
@@ -82,6 +108,8 @@ def train_two_stage(
     The pruning options are `lorpa.prune`'s; neither `target_rank` nor `ratio` keeps 8 per module
     (the paper's RoBERTa setting). `seed` (default `args.seed`) drives the random score.
     The pruned adapter and `prune_report.json` are saved to `args.output_dir` between the stages.
+    resume_from_checkpoint: a `checkpoint-N` folder of either stage, or "latest"; `model` is the r0
+        model as at the start (a stage-2 resume re-applies the recorded pruning, then loads the checkpoint).
     """
     if target_rank is None and ratio is None:
         target_rank = 8
@@ -89,15 +117,25 @@ def train_two_stage(
                         alpha=alpha, rewind=rewind, seed=args.seed if seed is None else seed)
     check_prune_arguments(model, **prune_kwargs)  # fail before stage 1, not after it
     stage1_args, stage2_args = split_schedule(args, stage1_ratio)
+    stages = [Stage(name, 0) for name in STAGE_NAMES]
+    try:
+        start, checkpoint = find_resume_point(resume_from_checkpoint, args.output_dir, stages)
+    except UsageError as error:
+        raise ValueError(str(error)) from error
 
-    trainer = make_trainer(model, stage1_args)
-    trainer.train()
-    report = prune(model, **prune_kwargs)
-    trainer.save_model(str(Path(args.output_dir, PRUNED_ADAPTER_DIR)))
-    if trainer.is_world_process_zero():
-        write_json_atomic(Path(args.output_dir, PRUNE_REPORT_FILE), report.to_dict())
-    del trainer  # its optimizer and DDP wrapper hold the pre-pruning parameters
+    if start == 0:
+        trainer = make_trainer(model, stage1_args)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        report = prune(model, **prune_kwargs)
+        trainer.save_model(str(Path(args.output_dir, PRUNED_ADAPTER_DIR)))
+        if trainer.is_world_process_zero():
+            write_json_atomic(Path(args.output_dir, PRUNE_REPORT_FILE), report.to_dict())
+        del trainer  # its optimizer and DDP wrapper hold the pre-pruning parameters
+        checkpoint = None
+    else:
+        report = read_prune_report(Path(args.output_dir, PRUNE_REPORT_FILE))
+        apply_prune_report(model, report)
 
     trainer = make_trainer(model, stage2_args)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     return TwoStageResult(model, trainer, report)

@@ -76,6 +76,27 @@ def test_a_trainer_subclass_gets_two_stages_and_a_fresh_optimizer(tmp_path):
         assert torch.allclose(reloaded(inputs).logits, result.model.eval()(inputs).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_from_either_stage_ends_where_the_uninterrupted_run_ends(tmp_path, stage):
+    def run(output_dir, checkpoint=None):
+        model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                                              target_modules=["q_proj", "down_proj"]))
+        args = training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=1, save_total_limit=None)
+        return lorpa.train_two_stage(
+            model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()), args, stage1_ratio=0.5,
+            target_rank=3, resume_from_checkpoint=checkpoint,
+        )
+
+    complete = run(tmp_path)
+    final = {n: p.detach().clone() for n, p in complete.model.named_parameters() if "lora_" in n}
+    checkpoint = tmp_path / stage / "checkpoint-2"  # mid-stage: stage 1 has 3 steps, stage 2 checkpoints 1-3
+    resumed = run(tmp_path, str(checkpoint))
+    assert resumed.prune_report.ranks == complete.prune_report.ranks
+    assert resumed.trainer.state.global_step == 3
+    weights = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
+    assert weights.keys() == final.keys() and all(torch.allclose(weights[n], final[n], atol=1e-6) for n in final)
+
+
 def test_epochs_are_split_when_no_max_steps(tmp_path):
     model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
     result = lorpa.train_two_stage(
