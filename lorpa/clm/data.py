@@ -191,9 +191,12 @@ class PromptFormatter:
         text = self.prompt_text(prompt)
         if self.chat:
             return self._chat_ids([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = self.tokenizer(text)["input_ids"]
+        return self._without_closing_eos(self.tokenizer(text)["input_ids"])
+
+    def _without_closing_eos(self, ids: list[int]) -> list[int]:
+        """Prompt ids without the EOS that some tokenizers append to every text."""
         eos, bos = self.tokenizer.eos_token_id, self.tokenizer.bos_token_id
-        return ids[:-1] if ids and ids[-1] == eos and eos != bos else ids  # a tokenizer that closes every text
+        return ids[:-1] if ids and ids[-1] == eos and eos != bos else ids
 
     def pair_ids(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         prompt_ids = self.prompt_ids(prompt)
@@ -206,6 +209,15 @@ class PromptFormatter:
             raise UsageError("the tokenizer's chat template does not continue its generation prompt with the "
                              "response; pass --use_chat_template false (and a --prompt_template)")
         return prompt_ids, full[len(prompt_ids):]
+
+    def pairs(self, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
+        """`pair_ids` of many rows; without a chat template, one batched tokenizer call per side."""
+        if self.chat:
+            return [self.pair_ids(prompt, response) for prompt, response in zip(prompts, responses)]
+        prompt_ids = self.tokenizer([self.prompt_text(prompt) for prompt in prompts])["input_ids"]
+        response_ids = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return [(self._without_closing_eos(p), r + [eos]) for p, r in zip(prompt_ids, response_ids)]
 
     def _chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
@@ -243,8 +255,8 @@ def encode_split(dataset: Dataset, formatter: PromptFormatter, args: ClmDataArgu
 
     def encode(batch, indices):
         rows = {"input_ids": [], "labels": [], "truncated": [], "row": []}
-        for index, prompt, response in zip(indices, batch[prompt_column], batch[response_column]):
-            prompt_ids, response_ids = formatter.pair_ids(prompt, response)
+        pairs = formatter.pairs(batch[prompt_column], batch[response_column])
+        for index, (prompt_ids, response_ids) in zip(indices, pairs):
             encoded = encode_pair(prompt_ids, response_ids, args.max_seq_length, formatter.tokenizer.bos_token_id)
             input_ids, labels, truncated = encoded if encoded else ([], [], False)
             rows["input_ids"].append(input_ids)
