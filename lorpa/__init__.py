@@ -6,9 +6,12 @@ from .rewind import get_peft_model, init_state_dict, load_init_state_dict, recor
 from .scoring import rank_scores
 from .sensitivity import SensitivityCallback, update_sensitivity
 
+_TRAINER_API = ("TwoStageResult", "train_two_stage")  # imported on first use: they pull in transformers.Trainer
+
 __all__ = [
     "ModulePruning",
     "PruneReport",
+    "TwoStageResult",
     "check_prune_arguments",
     "get_peft_model",
     "init_state_dict",
@@ -19,4 +22,13 @@ __all__ = [
     "record_init",
     "SensitivityCallback",
     "update_sensitivity",
+    "train_two_stage",
 ]
+
+
+def __getattr__(name):
+    if name in _TRAINER_API:
+        from . import two_stage
+
+        return getattr(two_stage, name)
+    raise AttributeError(f"module 'lorpa' has no attribute {name!r}")

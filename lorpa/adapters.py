@@ -23,13 +23,21 @@ from .cli import UsageError
 from . import rewind
 
 
+def target_modules(args: MethodArguments) -> list[str] | str | None:
+    """peft takes its `all-linear` shorthand only as a plain string, never inside a list."""
+    targets = args.lora_target_modules
+    if targets and len(targets) == 1 and targets[0].lower() == "all-linear":
+        return "all-linear"
+    return _copy(targets)
+
+
 def lora_config(args: MethodArguments, task_type: str) -> LoraConfig:
     return LoraConfig(
         task_type=task_type,
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=_copy(args.lora_target_modules),
+        target_modules=target_modules(args),
         modules_to_save=_copy(args.modules_to_save),
     )
 
@@ -46,7 +54,7 @@ def adalora_config(args: MethodArguments, task_type: str, total_steps: int) -> A
         target_r=args.adalora_target_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=_copy(args.lora_target_modules),
+        target_modules=target_modules(args),
         modules_to_save=_copy(args.modules_to_save),
         total_step=total_steps,
         tinit=int(args.adalora_tinit_ratio * total_steps),
@@ -88,8 +96,9 @@ def check_module_names(model, args: MethodArguments) -> None:
     """
     names = [name for name, _ in model.named_modules() if name]
     linear = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    targets = target_modules(args)
     for flag, keys, hint in (
-        ("--lora_target_modules", args.lora_target_modules, f"the model's linear layers: {_names_hint(linear)}"),
+        ("--lora_target_modules", [] if targets == "all-linear" else targets, f"the model's linear layers: {_names_hint(linear)}"),
         ("--modules_to_save", args.modules_to_save, f"the model's modules include {_names_hint(names)}"),
     ):
         for key in keys or ():

@@ -33,6 +33,24 @@ def check_training_arguments(training_args) -> None:
         raise UsageError(f"--num_train_epochs must be positive (or set --max_steps), got {training_args.num_train_epochs}")
 
 
+def parse_prune_schedule(text: str, max_rank: int) -> list[tuple[float, int]]:
+    """'0.1:32,0.15:16,0.2:8' -> [(0.1, 32), (0.15, 16), (0.2, 8)]: fractions rising within (0, 1],
+    ranks falling from at most `max_rank` (the stage-1 rank) to at least 1."""
+    steps = []
+    for item in text.split(","):
+        try:
+            fraction, rank = item.split(":")
+            steps.append((float(fraction), int(rank)))
+        except ValueError:
+            raise UsageError(f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. 0.1:32,0.15:16,0.2:8)") from None
+    fractions, ranks = [f for f, _ in steps], [r for _, r in steps]
+    if not all(a < b for a, b in zip([0.0] + fractions, fractions)) or fractions[-1] > 1:
+        raise UsageError(f"--prune_schedule fractions must increase within (0, 1], got {fractions}")
+    if not all(a > b for a, b in zip([max_rank + 1] + ranks, ranks)) or ranks[-1] < 1:
+        raise UsageError(f"--prune_schedule ranks must decrease from at most --lora_r={max_rank} to >= 1, got {ranks}")
+    return steps
+
+
 @dataclass
 class ModelArguments:
     _argument_group_name: ClassVar[str] = "model"
@@ -151,21 +169,7 @@ class MethodArguments:
         """(fraction of the epochs after which to prune, target rank) per prune; None: the prune flags decide."""
         if self.prune_schedule is None:
             return [(self.stage1_ratio, None)]
-        steps = []
-        for item in self.prune_schedule.split(","):
-            try:
-                fraction, rank = item.split(":")
-                steps.append((float(fraction), int(rank)))
-            except ValueError:
-                raise UsageError(
-                    f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. 0.1:32,0.15:16,0.2:8)"
-                ) from None
-        fractions, ranks = [f for f, _ in steps], [r for _, r in steps]
-        if not all(a < b for a, b in zip([0.0] + fractions, fractions)) or fractions[-1] > 1:
-            raise UsageError(f"--prune_schedule fractions must increase within (0, 1], got {fractions}")
-        if not all(a > b for a, b in zip([self.lora_r + 1] + ranks, ranks)) or ranks[-1] < 1:
-            raise UsageError(f"--prune_schedule ranks must decrease from at most --lora_r={self.lora_r} to >= 1, got {ranks}")
-        return steps
+        return parse_prune_schedule(self.prune_schedule, self.lora_r)
 
     def prune_kwargs(self, seed: int) -> dict:
         """Keyword arguments for `lorpa.prune`."""

@@ -1,7 +1,7 @@
 """What `train.sh` runs: the offline demo, one configuration, or every cell of a paper table.
 
     bash train.sh                                   # offline demo: LoRPA vs LoRA on MiniLM
-    bash train.sh CONFIG.yaml [--flag value ...]    # one run (GLUE or summarization, from the config)
+    bash train.sh CONFIG.yaml [--flag value ...]    # one run (GLUE, summarization or causal LM, from the config)
     bash train.sh --table glue-base [--seeds 1,2,3] [--methods lorpa,lora] [--nproc N]
 
 A config that names no model runs the packaged all-MiniLM-L6-v2, which needs no hub access.
@@ -32,8 +32,11 @@ TABLES = {
     "glue-large": ROOT / "configs/glue/roberta-large",
     "summarization": ROOT / "configs/summarization/bart-base",
     "glue-minilm": ROOT / "configs/glue/minilm",  # packaged MiniLM; GLUE from the hub or --data_dir
+    "gsm8k-llama": ROOT / "configs/clm/llama-3.2-3b",  # peft's MetaMathQA -> GSM8K comparison
+    "gsm8k-qwen": ROOT / "configs/clm/qwen2.5-3b",
 }
-METHOD_FOLDERS = {"lorpa": ("",), "lora": ("lora_r*",)}
+METHOD_FOLDERS = {"lorpa": ("", "lorpa_r*"), "lora": ("lora_r*",)}
+CLM_KEYS = {"prompt_column", "response_column", "prompt_template", "use_chat_template", "generation_max_new_tokens"}
 
 
 def read_config(config: Path) -> dict:
@@ -43,8 +46,10 @@ def read_config(config: Path) -> dict:
 
 
 def script_for(values: dict) -> Path:
-    """GLUE configs name a task; summarization configs name a dataset or text columns."""
-    return ROOT / ("run_glue.py" if "task_name" in values else "run_summarization.py")
+    """GLUE configs name a task; causal-LM configs set prompt options; summarization configs the rest."""
+    if "task_name" in values:
+        return ROOT / "run_glue.py"
+    return ROOT / ("run_clm.py" if CLM_KEYS & set(values) else "run_summarization.py")
 
 
 def visible_gpus() -> int:

@@ -41,6 +41,7 @@ GLUE_COLUMNS = {
 }
 ROUGE_COLUMNS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "rougeLsum": "R-Lsum"}
 DATASET_NAMES = {"xsum": "XSum", "cnn_dailymail": "CNN/DM"}
+MATH_TASKS = {"gsm8k": "GSM8K"}  # run_clm.py: accuracy is the final-number exact match of generated answers
 METHOD_ORDER = {"full": 0, "lora": 1, "adalora": 2, "lorpa": 3}
 
 
@@ -144,7 +145,7 @@ def task_name(task: str) -> str:
 
 
 def _metric_values(record: dict, metrics: dict) -> tuple[str, dict[str, float]]:
-    """(benchmark, {column: value}) in table units: GLUE ×100, ROUGE as stored (already ×100)."""
+    """(benchmark, {column: value}) in table units: GLUE and math accuracy ×100, ROUGE as stored (already ×100)."""
     task = record["task"]
     if task in GLUE_COLUMNS:
         column, key = GLUE_COLUMNS[task]
@@ -153,6 +154,10 @@ def _metric_values(record: dict, metrics: dict) -> tuple[str, dict[str, float]]:
         return "GLUE", {column: 100 * metrics[key]}
     name = task_name(task)
     values = {f"{name} {label}": metrics[key] for key, label in ROUGE_COLUMNS.items() if _number(metrics.get(key))}
+    if not values and (task in MATH_TASKS or record.get("main_metric") == "accuracy"):
+        if not _number(metrics.get("accuracy")):
+            raise ValueError("metric 'accuracy' missing")
+        return "Math", {f"{MATH_TASKS.get(task, task)} acc": 100 * metrics["accuracy"]}
     if not values:
         raise ValueError(f"task {task!r} is not GLUE and has no ROUGE metrics")
     return "Summarization", values
@@ -208,6 +213,9 @@ def _column_key(column: str) -> tuple:
     glue = [label for label, _ in GLUE_COLUMNS.values()]
     if column in glue:
         return (0, glue.index(column))
+    if column.endswith(" acc"):
+        math = [f"{name} acc" for name in MATH_TASKS.values()]
+        return (2, math.index(column) if column in math else len(math), column)
     dataset, metric = column.rsplit(" ", 1)
     datasets = list(DATASET_NAMES.values())
     known = datasets.index(dataset) if dataset in datasets else len(datasets)
@@ -306,6 +314,8 @@ def _caption(table: Table, metric: str) -> str:
     if table.benchmark == "GLUE":
         units = ("scores ×100: MNLI matched accuracy, CoLA Matthews correlation, STS-B Pearson, other tasks "
                  "accuracy; Avg. only for rows with every task")
+    elif table.benchmark == "Math":
+        units = "accuracy ×100 (exact match of the generated final number)"
     else:
         units = "ROUGE F1 ×100"
     return f"Mean±std over seeds (sample std; one seed: mean only) of the final stage's {which}; {units}."

@@ -70,20 +70,26 @@ class TrainingOutcome:
 
 
 def plan_stages(args: MethodArguments, num_train_epochs: float, max_steps: int = -1) -> list[Stage]:
-    """The stages and the prune after each; with `max_steps` > 0 the steps are shared out instead of epochs."""
     if args.method != "lorpa":
         return [Stage("train", num_train_epochs, max_steps)]
+    return lorpa_stages(args.schedule(), num_train_epochs, max_steps, args.stage2_epochs)
+
+
+def lorpa_stages(schedule: list[tuple[float, int | None]], num_train_epochs: float, max_steps: int = -1,
+                 stage2_epochs: float | None = None) -> list[Stage]:
+    """A stage per (fraction, target rank) of `schedule`, each followed by its prune, then the final stage
+    (the rest of the budget, or `stage2_epochs`). With `max_steps` > 0 steps are shared out, not epochs."""
 
     def steps_until(fraction: float) -> int:
         return round(max_steps * fraction) if max_steps > 0 else 0
 
     stages, done = [], 0.0
-    for index, (fraction, rank) in enumerate(args.schedule(), start=1):
+    for index, (fraction, rank) in enumerate(schedule, start=1):
         steps = steps_until(fraction) - steps_until(done) if max_steps > 0 else -1
         stages.append(Stage(f"stage{index}", num_train_epochs * (fraction - done), steps, rank, prunes=True))
         done = fraction
-    final_steps = max_steps - steps_until(done) if max_steps > 0 and args.stage2_epochs is None else -1
-    final_epochs = num_train_epochs * (1 - done) if args.stage2_epochs is None else args.stage2_epochs
+    final_steps = max_steps - steps_until(done) if max_steps > 0 and stage2_epochs is None else -1
+    final_epochs = num_train_epochs * (1 - done) if stage2_epochs is None else stage2_epochs
     return stages + [Stage(f"stage{len(stages) + 1}", final_epochs, final_steps)]
 
 

@@ -84,3 +84,43 @@ def glue_rows(task: str, n: int, seed: int) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+CHAT_TEMPLATE = (  # the shape of Qwen2's: every turn closed by <|im_end|>, generation prompt opens the assistant turn
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_decoder(folder: Path, kind: str = "llama") -> Path:
+    """A tiny causal LM and byte-level BPE tokenizer trained on generated GSM8K-format problems.
+
+    llama: BOS-only post-processing, no pad token, no chat template (a base Llama checkpoint).
+    qwen2: a pad token and a chat template whose turns end in <|im_end|> (a Qwen2 instruct checkpoint).
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from lorpa.clm.arithmetic import arithmetic_rows
+
+    special = ["<s>", "</s>", "<unk>"] + (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if kind == "qwen2" else [])
+    bpe = ByteLevelBPETokenizer()
+    texts = [text for row in arithmetic_rows(300, 99) for text in row.values()] + ["Question: Think step by step. Answer:"]
+    bpe.train_from_iterator(texts, vocab_size=400, special_tokens=special)
+    if kind == "llama":
+        bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        config_class, model_class, extra = LlamaConfig, LlamaForCausalLM, {"bos_token_id": 0, "eos_token_id": 1}
+    else:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                            unk_token="<unk>")
+        tokenizer.chat_template = CHAT_TEMPLATE
+        config_class, model_class = Qwen2Config, Qwen2ForCausalLM
+        extra = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra,
+    )
+    model_class(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

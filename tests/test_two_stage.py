@@ -1,0 +1,193 @@
+"""`lorpa.train_two_stage` with a user's own Trainer subclass, in one process and under 2-process gloo DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from tiny_assets import write_tiny_decoder
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import lorpa
+from lorpa.clm.arithmetic import arithmetic_rows
+from lorpa.clm.data import PromptFormatter, pad_id
+from lorpa.clm.evaluation import GenerationEvalTrainer
+from lorpa.clm.gsm8k import gsm8k_metrics
+
+KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def token_data(n=16, length=10):
+    ids = torch.randint(0, 64, (n, length), generator=torch.Generator().manual_seed(1)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+class StepCountingTrainer(Trainer):
+    """A user's Trainer subclass with its own compute_loss."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.loss_calls = getattr(self, "loss_calls", 0) + 1
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def training_args(output_dir, **overrides):
+    values = dict(max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+                  save_strategy="no", disable_tqdm=True, use_cpu=True)
+    return TrainingArguments(str(output_dir), **{**values, **overrides})
+
+
+def test_a_trainer_subclass_gets_two_stages_and_a_fresh_optimizer(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                                          target_modules="all-linear"))
+    trainers = []
+
+    def make_trainer(model, args):
+        trainers.append(StepCountingTrainer(model=model, args=args, train_dataset=token_data()))
+        return trainers[-1]
+
+    result = lorpa.train_two_stage(model, make_trainer, training_args(tmp_path), stage1_ratio=0.4, target_rank=2)
+    first, second = trainers
+    assert result.trainer is second and first is not second
+    assert (first.state.global_step, second.state.global_step) == (2, 3) and second.loss_calls == 3
+    assert (first.args.output_dir, second.args.output_dir) == (str(tmp_path / "stage1"), str(tmp_path / "stage2"))
+    assert {name.split(".")[-1] for name in result.prune_report.ranks} == KINDS
+    assert set(result.prune_report.ranks.values()) == {2} and set(result.prune_report.old_ranks.values()) == {8}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    optimized = {id(p) for group in second.optimizer.param_groups for p in group["params"]}
+    assert optimized == trainable  # stage 2 optimizes the pruned tensors, not stage 1's
+    assert (tmp_path / "prune_report.json").is_file() and (tmp_path / "pruned_adapter" / "adapter_config.json").is_file()
+
+    result.trainer.save_model(str(tmp_path / "final"))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "final").eval()
+    inputs = torch.tensor(token_data(3)["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(inputs).logits, result.model.eval()(inputs).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_from_either_stage_ends_where_the_uninterrupted_run_ends(tmp_path, stage):
+    def run(output_dir, checkpoint=None):
+        model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                                              target_modules=["q_proj", "down_proj"]))
+        args = training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=1, save_total_limit=None)
+        return lorpa.train_two_stage(
+            model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()), args, stage1_ratio=0.5,
+            target_rank=3, resume_from_checkpoint=checkpoint,
+        )
+
+    complete = run(tmp_path)
+    final = {n: p.detach().clone() for n, p in complete.model.named_parameters() if "lora_" in n}
+    checkpoint = tmp_path / stage / "checkpoint-2"  # mid-stage: stage 1 has 3 steps, stage 2 checkpoints 1-3
+    resumed = run(tmp_path, str(checkpoint))
+    assert resumed.prune_report.ranks == complete.prune_report.ranks
+    assert resumed.trainer.state.global_step == 3
+    weights = {n: p for n, p in resumed.model.named_parameters() if "lora_" in n}
+    assert weights.keys() == final.keys() and all(torch.allclose(weights[n], final[n], atol=1e-6) for n in final)
+
+
+def test_epochs_are_split_when_no_max_steps(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    result = lorpa.train_two_stage(
+        model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()),
+        training_args(tmp_path, max_steps=-1, num_train_epochs=5), target_rank=1,
+    )
+    assert result.trainer.args.num_train_epochs == pytest.approx(4) and result.trainer.state.global_step == 16
+
+
+def test_bad_pruning_options_fail_before_training(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    built = []
+    with pytest.raises(ValueError, match="target_rank 6 exceeds the rank"):
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), target_rank=6)
+    with pytest.raises(ValueError, match="stage1_ratio must be in"):
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), stage1_ratio=1.5, target_rank=2)
+    with pytest.raises(ValueError, match="ranks must decrease"):
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), prune_schedule="0.2:2,0.4:3")
+    with pytest.raises(ValueError, match="sets the ranks"):
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), prune_schedule="0.2:2",
+                              target_rank=2)
+    assert not built
+
+
+def test_a_schedule_with_sensitivity_prunes_twice_with_a_trainer_per_stage(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
+    trainers = []
+
+    def make_trainer(model, args):
+        trainers.append(Trainer(model=model, args=args, train_dataset=token_data()))
+        return trainers[-1]
+
+    result = lorpa.train_two_stage(model, make_trainer, training_args(tmp_path), prune_schedule="0.4:4,0.6:2",
+                                   score="sensitivity")
+    assert [t.state.global_step for t in trainers] == [2, 1, 2]
+    assert [set(r.ranks.values()) for r in result.prune_reports] == [{4}, {2}]
+    assert [r.score for r in result.prune_reports] == ["sensitivity", "sensitivity"]
+    assert (tmp_path / "pruned_adapter_1").is_dir() and (tmp_path / "prune_report.json").is_file()
+
+
+def test_pruning_at_the_end_leaves_the_last_trainer_untrained(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
+    result = lorpa.train_two_stage(model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()),
+                                   training_args(tmp_path), stage1_ratio=1.0, target_rank=3, score="svd")
+    assert result.trainer.state.global_step == 0 and set(result.prune_report.ranks.values()) == {3}
+    assert (tmp_path / "stage1").is_dir() and all(m.relative_error < 1 for m in result.prune_report.modules.values())
+
+
+def test_two_gloo_processes_keep_the_same_components_stay_in_sync_and_share_generation(tmp_path):
+    torch.manual_seed(0)
+    model_dir = write_tiny_decoder(tmp_path / "model", "llama")
+    script = Path(__file__).with_name("ddp_two_stage.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path), str(model_dir)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    records = [json.loads((tmp_path / f"process{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(r["world_sizes"] == [2, 2] for r in records)  # both stages ran under DDP
+    assert records[0]["kept"] == records[1]["kept"]  # rank 0's choice, although each process seeded its own
+    assert set(records[0]["ranks"].values()) == {2} and len(records[0]["ranks"]) == 14
+    assert all(r["steps"] == 3 and r["trained"] for r in records)
+    assert records[0]["weights"] == records[1]["weights"]  # stage 2's re-wrapped model synchronised gradients
+
+    # the sharded evaluation gathers every answer, in dataset order, on every process
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "final").eval()
+    questions = [row["question"] for row in arithmetic_rows(7, 1)]
+    formatter = PromptFormatter(tokenizer)
+    single = GenerationEvalTrainer(
+        model=reloaded, args=TrainingArguments(str(tmp_path / "one"), per_device_eval_batch_size=7, report_to="none"),
+        processing_class=tokenizer, prompts=[formatter.prompt_ids(q) for q in questions], references=["#### 1"] * 7,
+        score=gsm8k_metrics, max_new_tokens=6, pad_token_id=pad_id(tokenizer),
+    ).generate_answers()
+    assert records[0]["answers"] == records[1]["answers"] == single and all(single)
+
+
+def test_trl_sft_trainer_runs_both_stages(tmp_path):
+    trl = pytest.importorskip("trl")  # an optional extra: `pip install -e ".[trl]"`
+    torch.manual_seed(0)
+    folder = write_tiny_decoder(tmp_path / "model", "qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rows = [{"prompt": row["question"], "completion": " " + row["answer"]} for row in arithmetic_rows(16, 0)]
+    model = lorpa.get_peft_model(AutoModelForCausalLM.from_pretrained(folder),
+                                 LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear"))
+    config = trl.SFTConfig(str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                           report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, max_length=96)
+    result = lorpa.train_two_stage(
+        model,
+        lambda m, a: trl.SFTTrainer(model=m, args=a, train_dataset=Dataset.from_list(rows), processing_class=tokenizer),
+        config, target_rank=2,
+    )
+    assert isinstance(result.trainer, trl.SFTTrainer) and isinstance(result.trainer.args, trl.SFTConfig)
+    assert result.trainer.state.global_step == 3 and set(result.prune_report.ranks.values()) == {2}
