@@ -311,7 +311,9 @@ def parse_config(path):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(CONFIG_DIR)))
-def test_config_parses_comments_every_value_and_runs_with_run_clm(config):
+def test_config_parses_comments_every_value_and_runs_with_run_clm(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh clone: the smoke config's generated data does not exist yet
+    write_arithmetic_gsm8k(tmp_path / "runs/tiny-llama/data")
     _, data, _, method_args, training_args = parse_config(config)
     assert training_args.output_dir or "smoke" not in config.name
     text = config.read_text()
