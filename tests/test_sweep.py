@@ -108,55 +108,43 @@ def parent_of(pid: int) -> int:
 
 
 def test_submitit_array_runs_the_table_a_preempted_cell_resumes_and_resubmission_skips(model_dir, tmp_path):
-    """submitit's local executor runs the same array job the slurm launcher submits. One cell is
-    preempted (SIGUSR2 to its task, as SLURM sends) after its first checkpoint: it is requeued and
-    resumes from that checkpoint. A second submission finds every cell finished."""
+    """`--launcher submitit-local` runs the array job the slurm launcher submits, on submitit's local
+    executor. One cell is preempted (SIGUSR2 to its array task, as SLURM sends) after its first
+    checkpoint: it is requeued and resumes from that checkpoint. A second submission runs nothing."""
     pytest.importorskip("submitit")
-    from lorpa.sweep import slurm
-    from lorpa.sweep.cells import Cell
-
     table = write_table(tmp_path / "table", model_dir, tasks=("rte", "sst2"), epochs=8, train_rows=64)
     runs = tmp_path / "runs"
-    cells = [Cell(f"lora_r4/{task}/seed1", table / "lora_r4" / f"{task}.yaml", runs / "lora_r4" / task / "seed1",
-                  ["--seed", "1"]) for task in ("rte", "sst2")]
-    jobs, submitted = slurm.submit(cells, runs, slurm.SlurmOptions(), nproc=1, cluster="local")
-    assert submitted == cells
-    preempted = cells[0].output_dir
-    checkpoint = wait_for_checkpoint(preempted)
-    trainer = training_process(preempted)
-    assert trainer is not None
-    os.kill(parent_of(trainer), signal.SIGUSR2)  # the array task running the cell
-    assert slurm.wait(jobs, cells) == []
+    argv = ["--table", table, "--methods", "lora", "--seeds", "1", "--launcher", "submitit-local", "--runs_dir", runs,
+            "--slurm_sbatch", "account=lorpa", "--per_device_train_batch_size=4"]
+    sweep = subprocess.Popen(["bash", str(ROOT / "train.sh"), *map(str, argv)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    preempted = runs / "lora_r4/rte/seed1"
+    try:
+        checkpoint = wait_for_checkpoint(preempted)
+        trainer = training_process(preempted)
+        assert trainer is not None
+        os.kill(parent_of(trainer), signal.SIGUSR2)  # the array task running the cell
+        out = sweep.communicate(timeout=600)[0]
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, out[-3000:]
+    assert re.search(r"^submitted 2 cells as array job \d+", out, re.M)
+    assert "RTE" in (runs / "summary.md").read_text() and "SST-2" in (runs / "summary.md").read_text()
+    assert list((runs / "slurm").glob("*/*_submitted.pkl"))  # submitit's own files stay below the sweep
 
     log = (preempted / "train.log").read_text()
     starts = [line for line in log.splitlines() if line.startswith("=== start")]
     assert len(starts) == 2 and "--resume_from_checkpoint latest" in starts[1]
     assert "--resume_from_checkpoint" not in starts[0]
-    resumed_from = int(checkpoint.name.split("-")[1])
     results = json.loads((preempted / "results.json").read_text())
     history = results["stages"][0]["history"]
     assert [entry["epoch"] for entry in history] == [float(e) for e in range(1, 9)]
-    assert history[-1]["step"] == 8 * 16 and resumed_from < 8 * 16  # 64 rows at batch 4: 16 steps an epoch
-    assert (cells[1].output_dir / "results.json").is_file()
+    assert history[-1]["step"] == 8 * 16 and int(checkpoint.name.split("-")[1]) < 8 * 16  # 64 rows at batch 4
+    assert (runs / "lora_r4/sst2/seed1/results.json").is_file()
 
-    done = train_sh("--table", table, "--methods", "lora", "--seeds", "1", "--launcher", "submitit-local",
-                    "--runs_dir", runs, "--num_train_epochs", "8", "--per_device_train_batch_size=4")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done already") == 2 and "every cell is finished" in done.stdout
-
-
-def test_submitit_launcher_end_to_end(model_dir, tmp_path):
-    pytest.importorskip("submitit")
-    table = write_table(tmp_path / "table", model_dir, tasks=("rte", "sst2"))
-    runs = tmp_path / "runs"
-    done = train_sh("--table", table, "--methods", "lorpa", "--seeds", "1", "--launcher", "submitit-local",
-                    "--runs_dir", runs, "--slurm_sbatch", "account=lorpa")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"^submitted 2 cells as array job \d+", done.stdout, re.M)
-    assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("results.json")) == [
-        "lorpa/rte/seed1/results.json", "lorpa/sst2/seed1/results.json"]
-    assert "RTE" in (runs / "summary.md").read_text()
-    assert list((runs / "slurm").glob("*/*_submitted.pkl"))  # submitit's own files stay below the sweep
+    again = train_sh(*argv)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done already: ") == 2 and "every cell is finished" in again.stdout
 
 
 def test_cell_killed_after_its_first_checkpoint_resumes_from_it(model_dir, tmp_path):
