@@ -214,7 +214,9 @@ def submit_slurm(cells: list[Cell], runs_dir: Path, args: argparse.Namespace) ->
     """One array job for the unfinished cells; with the submitit-local launcher, wait and report."""
     from .sweep import slurm
 
-    slurm.import_submitit()  # a missing extra is reported before anything is written
+    slurm.import_submitit()  # a missing extra or a bad option is reported before anything is written
+    slurm.minutes(args.slurm_time)
+    slurm.sbatch_parameters(tuple(args.slurm_sbatch))
     options = slurm.SlurmOptions(args.slurm_partition, args.slurm_gpus_per_task, args.slurm_cpus_per_task,
                                  args.slurm_time, args.slurm_array_parallelism, tuple(args.slurm_sbatch))
     write_manifest(runs_dir, cells)
@@ -276,10 +278,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="local: this machine; slurm: one SLURM array job through submitit; "
                              "submitit-local: that array job run here by submitit (a check before submitting)")
     slurm = parser.add_argument_group("SLURM (--launcher slurm)")
-    slurm.add_argument("--slurm_partition", default=None)
-    slurm.add_argument("--slurm_gpus_per_task", type=int, default=1, help="GPUs per cell (>1: DDP within the cell)")
-    slurm.add_argument("--slurm_cpus_per_task", type=int, default=None)
-    slurm.add_argument("--slurm_time", default="24:00:00", help="per cell; a cell still running is requeued and resumes")
+    slurm.add_argument("--slurm_partition", default=None, help="default: the cluster's default partition")
+    slurm.add_argument("--slurm_gpus_per_task", type=int, default=1, help="GPUs per cell (>1: DDP within the cell; 0: CPU only)")
+    slurm.add_argument("--slurm_cpus_per_task", type=int, default=None, help="default: the cluster's default")
+    slurm.add_argument("--slurm_time", default="24:00:00", help="per cell, as MINUTES, HH:MM:SS or D-HH:MM:SS; a cell still running then is requeued and resumes")
     slurm.add_argument("--slurm_array_parallelism", type=int, default=64, help="cells running at once")
     slurm.add_argument("--slurm_sbatch", action="append", default=[], metavar="KEY=VALUE",
                        help="an extra #SBATCH --KEY=VALUE line (repeatable), e.g. account=myproject")

@@ -219,3 +219,23 @@ def test_slurm_launcher_without_submitit_names_the_extra(monkeypatch, capsys, tm
     assert not (tmp_path / "runs").exists()
     assert capsys.readouterr().err == (
         "error: --launcher slurm needs submitit: pip install 'lorpa[slurm]' (or pip install submitit)\n")
+
+
+@pytest.mark.parametrize(("time", "expected"), [
+    ("90", 90), ("30:30", 31), ("8:00:00", 480), ("1-00", 1440), ("1-02:30", 1590), ("0:0:30", 1),
+])
+def test_slurm_time_formats_become_minutes(time, expected):
+    from lorpa.sweep.slurm import minutes
+
+    assert minutes(time) == expected
+
+
+def test_bad_slurm_time_is_one_line_before_anything_is_written(capsys, tmp_path):
+    pytest.importorskip("submitit")
+    from lorpa import launch
+    from lorpa.cli import run_cli
+
+    argv = ["--table", "glue-base", "--launcher", "slurm", "--slurm_time", "8h", "--runs_dir", str(tmp_path / "runs")]
+    assert run_cli(launch.main, argv) == 2
+    assert capsys.readouterr().err == "error: --slurm_time '8h': use MINUTES, HH:MM:SS or D-HH:MM:SS\n"
+    assert not (tmp_path / "runs").exists()

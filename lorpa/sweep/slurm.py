@@ -39,15 +39,19 @@ class SlurmOptions:
 
 
 def minutes(time: str) -> int:
-    """SLURM time formats: MINUTES, HH:MM:SS, D-HH:MM[:SS] (what --time takes)."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", time.strip())
+    """SLURM's --time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, rounded up."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", time.strip())
     if not match:
-        raise UsageError(f"--slurm_time {time!r}: use minutes, HH:MM:SS or D-HH:MM:SS")
-    days, first, second, third = match.groups()
-    if days is None and second is None:
-        return int(first)
-    hours, mins, secs = int(first), int(second or 0), int(third or 0)
-    return max(1, int(days or 0) * 1440 + hours * 60 + mins + (secs > 0))
+        raise UsageError(f"--slurm_time {time!r}: use MINUTES, HH:MM:SS or D-HH:MM:SS")
+    days, parts = match.group(1), [int(part) for part in match.group(2).split(":")]
+    if days is not None:
+        hours, mins, secs = (parts + [0, 0])[:3]
+        seconds = ((int(days) * 24 + hours) * 60 + mins) * 60 + secs
+    elif len(parts) == 3:
+        seconds = (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    else:
+        seconds = parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
+    return max(1, -(-seconds // 60))
 
 
 def sbatch_parameters(lines: tuple[str, ...]) -> dict[str, str | bool]:
