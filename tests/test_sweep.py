@@ -239,3 +239,21 @@ def test_bad_slurm_time_is_one_line_before_anything_is_written(capsys, tmp_path)
     assert run_cli(launch.main, argv) == 2
     assert capsys.readouterr().err == "error: --slurm_time '8h': use MINUTES, HH:MM:SS or D-HH:MM:SS\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_parallel_cells_get_their_own_gpus_or_share_of_the_cores(monkeypatch):
+    from lorpa.cli import UsageError
+    from lorpa.sweep.local import slot_environments
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    assert slot_environments(2, 2, gpus=4) == [{"CUDA_VISIBLE_DEVICES": "3,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]
+    assert slot_environments(4, 1, gpus=4)[3] == {"CUDA_VISIBLE_DEVICES": "7"}
+    with pytest.raises(UsageError, match=r"--parallel 3 x --nproc 2 needs 6 GPUs, 4 visible"):
+        slot_environments(3, 2, gpus=4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert slot_environments(2, 1, gpus=2) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert slot_environments(3, 1, gpus=0) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own per-process choice wins
+    assert slot_environments(4, 1, gpus=0)[0] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
