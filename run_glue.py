@@ -28,7 +28,16 @@ from transformers import (
 from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
 from lorpa.cli import UsageError, parse_args, run_cli
 from lorpa.loading import load_model, load_pretrained
-from lorpa.glue import GlueDataArguments, compute_metrics_for, load_glue, main_metric_name, tokenize_glue
+from lorpa.glue import (
+    SELECTION_SPLIT,
+    GlueDataArguments,
+    carve_selection_split,
+    compute_metrics_for,
+    load_glue,
+    main_metric_name,
+    tokenize_glue,
+    without_split_prefix,
+)
 from lorpa.outputs import check_output_dir
 from lorpa.results import results_record, run_config, write_results
 from lorpa.training import train_stages
@@ -63,11 +72,16 @@ def main(argv=None):
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     splits = load_glue(data_args, cache_dir)
+    if data_args.selection_split_percentage:
+        splits = carve_selection_split(splits, data_args.selection_split_percentage, training_args.seed)
     tokenizer = load_pretrained(AutoTokenizer, model_args.tokenizer_name or model_path, cache_dir)
     encoded = tokenize_glue(splits, tokenizer, data_args)
     set_seed(training_args.seed)
 
     eval_splits = {split: encoded[split] for split in task.eval_splits}
+    selection = SELECTION_SPLIT in encoded
+    if selection:  # evaluated every epoch beside the validation set(s), which stay the reported numbers
+        eval_splits = {SELECTION_SPLIT: encoded[SELECTION_SPLIT], **eval_splits}
     collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(tokenizer)
 
     def make_trainer(model, stage_args):
@@ -97,6 +111,9 @@ def main(argv=None):
     )
     if "test" in encoded:
         write_predictions(outcome.trainer, encoded["test"], task, training_args.output_dir)
+    if selection and len(task.eval_splits) == 1:
+        for stage in outcome.stages:
+            stage["history"] = without_split_prefix(stage["history"], task.eval_splits[0])
     if outcome.trainer.is_world_process_zero():
         record = results_record(
             outcome,
@@ -105,6 +122,7 @@ def main(argv=None):
             method=method_args.method,
             seed=training_args.seed,
             main_metric=main_metric_name(task),
+            selection_metric=f"{SELECTION_SPLIT}_{task.main_metric}" if selection else None,
             config=run_config(config_path, training_args, model_args, data_args, method_args),
         )
         print(f"results: {write_results(training_args.output_dir, record)}")

@@ -36,6 +36,13 @@ class GlueDataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows of each eval split"})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Predict only the first N test rows"})
+    selection_split_percentage: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this percentage of the training rows (seeded) as a selection split: the epoch is "
+            "chosen on it, and results.json reports the validation score at that epoch as selected_metrics"
+        },
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenising"})
     overwrite_cache: bool = field(default=False, metadata={"help": "Re-tokenise instead of using the cache"})
 
@@ -45,6 +52,8 @@ class GlueDataArguments:
         if self.max_seq_length < 1:
             raise UsageError(f"--max_seq_length must be positive, got {self.max_seq_length}")
         check_sample_limits(self)
+        if self.selection_split_percentage is not None and not 0 < self.selection_split_percentage < 100:
+            raise UsageError(f"--selection_split_percentage must be in (0, 100), got {self.selection_split_percentage}")
         if self.data_dir is not None and not self.train_file:
             self._use_data_dir()
         local = (self.train_file, self.validation_file)
@@ -135,6 +144,26 @@ def load_glue(args: GlueDataArguments, cache_dir: str | None = None) -> DatasetD
         if limit is not None:
             splits[split] = dataset.select(range(min(limit, len(dataset))))
     return splits
+
+
+SELECTION_SPLIT = "selection"
+
+
+def carve_selection_split(splits: DatasetDict, percentage: float, seed: int) -> DatasetDict:
+    """Move `percentage`% of the training rows (a seeded random choice, at least one) to a selection split."""
+    train = splits["train"]
+    size = max(1, round(len(train) * percentage / 100))
+    if size >= len(train):
+        raise UsageError(f"--selection_split_percentage {percentage} leaves no training rows out of {len(train)}")
+    parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
+    return DatasetDict({**splits, "train": parts["train"], SELECTION_SPLIT: parts["test"]})
+
+
+def without_split_prefix(history: list[dict], split: str) -> list[dict]:
+    """Evaluating several sets prefixes every metric with its set; give the validation set's metrics
+    their plain names again (accuracy, not validation_accuracy), as runs without a selection split have."""
+    prefix = f"{split}_"
+    return [{(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in entry.items()} for entry in history]
 
 
 def tokenize_glue(splits: DatasetDict, tokenizer, args: GlueDataArguments) -> DatasetDict:

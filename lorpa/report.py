@@ -1,11 +1,12 @@
 """Aggregate run folders into the paper's tables.
 
-    python -m lorpa.report RUNS_DIR [--out PREFIX] [--metric best|last]
+    python -m lorpa.report RUNS_DIR [--out PREFIX] [--metric best|last|selected] [--stat mean|median]
 
-Every `results.json` below RUNS_DIR becomes one cell entry; cells are mean±std over seeds. One table
-per benchmark and base model, because averaging seeds across models would mix different experiments.
-Markdown goes to stdout and PREFIX.md, numbers to PREFIX.csv, and each LoRPA run's rank plot is
-(re)drawn into its folder and linked below its table.
+Every `results.json` below RUNS_DIR becomes one cell entry; cells are mean (or median) ± std over
+seeds. One table per benchmark and base model, because averaging seeds across models would mix
+different experiments. Markdown goes to stdout and PREFIX.md, numbers to PREFIX.csv, and each LoRPA
+run's rank plot is (re)drawn into its folder and linked below its table. During a sweep (RUNS_DIR
+holds the launcher's sweep.json) cells still waiting for seeds are marked and unfinished runs listed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from urllib.parse import quote
 from .cli import UsageError, run_cli
 from .plots import plot_prune_report
 from .results import RESULTS_FILE
+from .sweep.cells import read_manifest
 from .training import PRUNE_REPORT_FILE
 
 PLOT_FILE = "rank_plot.png"
@@ -43,6 +45,14 @@ ROUGE_COLUMNS = {"rouge1": "R-1", "rouge2": "R-2", "rougeL": "R-L", "rougeLsum":
 DATASET_NAMES = {"xsum": "XSum", "cnn_dailymail": "CNN/DM"}
 MATH_TASKS = {"gsm8k": "GSM8K"}  # run_clm.py: accuracy is the final-number exact match of generated answers
 METHOD_ORDER = {"full": 0, "lora": 1, "adalora": 2, "lorpa": 3}
+# --metric: which evaluation of each run's final stage a cell holds (results.json key, caption).
+METRICS = {
+    "best": ("best_metrics", "best validation evaluation (epoch chosen on the validation set, as the papers do)"),
+    "last": ("metrics", "last evaluation"),
+    "selected": ("selected_metrics", "validation score at the epoch chosen on a selection split carved from train"),
+}
+# --stat: how seeds are combined (LoRA reports the median of 5 seeds, AdaLoRA the mean).
+STATISTICS = {"mean": statistics.fmean, "median": statistics.median}
 
 
 @dataclass
@@ -59,6 +69,7 @@ class Run:
     seed: object
     values: dict[str, float]
     params: int
+    head_params: int | None = None  # absent from results.json files written before it was recorded
 
 
 @dataclass
@@ -176,16 +187,22 @@ def parse_run(path: Path, metric: str) -> Run:
             raise ValueError(f"field {key!r} missing or not {kind.__name__}")
     if "seed" not in record:
         raise ValueError("field 'seed' missing")
-    metrics_key = "best_metrics" if metric == "best" else "metrics"
+    metrics_key = METRICS[metric][0]
     if not isinstance(record.get(metrics_key), dict):
-        raise ValueError(f"field {metrics_key!r} missing")
+        hint = " (the run had no --selection_split_percentage)" if metric == "selected" else ""
+        raise ValueError(f"field {metrics_key!r} missing{hint}")
     benchmark, values = _metric_values(record, record[metrics_key])
     try:
         row_key, row = row_label(record)
     except (AttributeError, TypeError) as error:
         raise ValueError(f"cannot derive the rank label ({error})") from None
     return Run(path.parent, benchmark, record["model"], record["method"], row, row_key, record["task"],
-               record["seed"], values, record["trainable_params"])
+               record["seed"], values, record["trainable_params"], _head_params(record))
+
+
+def _head_params(record: dict) -> int | None:
+    head = record.get("head_params")
+    return head if _number(head) else None
 
 
 def _warn(message: str) -> None:
@@ -235,18 +252,35 @@ def build_tables(runs: list[Run]) -> list[Table]:
 
 @dataclass
 class Cell:
-    mean: float
-    std: float | None
-    n: int
+    """One table cell: the values of its seeds; `unfinished` counts its runs a sweep has not finished."""
+
+    values: list[float]
+    unfinished: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation (n−1); none for a single seed."""
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+    def stat(self, name: str) -> float:
+        return STATISTICS[name](self.values)
 
 
 def cell(values: list[float]) -> Cell:
-    """Mean and sample standard deviation (n−1); no std for a single seed."""
-    return Cell(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+    return Cell(list(values))
 
 
-def table_rows(table: Table) -> list[dict]:
-    """Per row: label, cells {column: Cell}, mean trainable params, and Avg. (only with every column)."""
+def table_rows(table: Table, stat: str = "mean") -> list[dict]:
+    """Per row: label, cells {column: Cell}, mean trainable params (with and without the task head),
+    and Avg. of the cells' `stat` (only with every column)."""
     by_row: dict[str, list[Run]] = defaultdict(list)
     for run in table.runs:
         by_row[run.row].append(run)
@@ -258,11 +292,13 @@ def table_rows(table: Table) -> list[dict]:
                 values[column].append(value)
         cells = {column: cell(values[column]) for column in table.columns if values[column]}
         complete = table.benchmark == "GLUE" and len(cells) == len(table.columns)
+        without_head = [run.params - run.head_params for run in members if run.head_params is not None]
         rows.append({
             "label": label,
             "cells": cells,
             "params": statistics.fmean(run.params for run in members),
-            "avg": statistics.fmean(c.mean for c in cells.values()) if complete else None,
+            "params_without_head": statistics.fmean(without_head) if len(without_head) == len(members) else None,
+            "avg": statistics.fmean(c.stat(stat) for c in cells.values()) if complete else None,
         })
     return rows
 
@@ -278,12 +314,22 @@ def format_params(count: float) -> str:
     return f"{count:g}"
 
 
-def format_cell(value: Cell | None, decimals: int) -> str:
+def format_cell(value: Cell | None, decimals: int, stat: str = "mean", seeds: int | None = None) -> str:
+    """`stat`±std; the seed count when it differs from `seeds` (the table's usual count) or runs are unfinished."""
     if value is None:
         return ""
-    if value.std is None:
-        return f"{value.mean:.{decimals}f}"
-    return f"{value.mean:.{decimals}f}±{value.std:.{decimals}f}"
+    text = f"{value.stat(stat):.{decimals}f}"
+    if value.std is not None:
+        text += f"±{value.std:.{decimals}f}"
+    notes = [f"n={value.n}"] if seeds is not None and value.n != seeds or value.unfinished else []
+    notes += [f"{value.unfinished} unfinished"] if value.unfinished else []
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _usual_seeds(rows: list[dict]) -> int | None:
+    """The most common number of seeds per cell in a table."""
+    counts = [c.n for row in rows for c in row["cells"].values()]
+    return max(set(counts), key=lambda n: (counts.count(n), n)) if counts else None
 
 
 def _seed_counts(cells: dict[str, Cell]) -> str:
@@ -295,22 +341,27 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown_table(table: Table, rows: list[dict]) -> list[str]:
+def markdown_table(table: Table, rows: list[dict], stat: str = "mean") -> list[str]:
     decimals = 1 if table.benchmark == "GLUE" else 2
     avg = ["Avg."] if table.benchmark == "GLUE" else []
-    header = ["Method", "# Params", *table.columns, *avg, "Seeds"]
+    without_head = any(row["params_without_head"] is not None for row in rows)
+    header = ["Method", "# Params", *(["w/o head"] if without_head else []), *table.columns, *avg, "Seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    seeds = _usual_seeds(rows)
     for row in rows:
-        cells = [format_cell(row["cells"].get(c), decimals) for c in table.columns]
+        cells = [format_cell(row["cells"].get(c), decimals, stat, seeds) for c in table.columns]
         if avg:
             cells.append("" if row["avg"] is None else f"{row['avg']:.{decimals}f}")
-        line = [_escape(row["label"]), format_params(row["params"]), *cells, _seed_counts(row["cells"])]
+        params = [format_params(row["params"])]
+        if without_head:
+            params.append("" if row["params_without_head"] is None else format_params(row["params_without_head"]))
+        line = [_escape(row["label"]), *params, *cells, _seed_counts(row["cells"])]
         lines.append("| " + " | ".join(line) + " |")
     return lines
 
 
-def _caption(table: Table, metric: str) -> str:
-    which = "best validation evaluation (chosen by the run's main metric)" if metric == "best" else "last evaluation"
+def _caption(table: Table, metric: str, stat: str = "mean") -> str:
+    which = METRICS[metric][1]
     if table.benchmark == "GLUE":
         units = ("scores ×100: MNLI matched accuracy, CoLA Matthews correlation, STS-B Pearson, other tasks "
                  "accuracy; Avg. only for rows with every task")
@@ -318,7 +369,10 @@ def _caption(table: Table, metric: str) -> str:
         units = "accuracy ×100 (exact match of the generated final number)"
     else:
         units = "ROUGE F1 ×100"
-    return f"Mean±std over seeds (sample std; one seed: mean only) of the final stage's {which}; {units}."
+    params = ("# Params: trainable parameters, with the task head and without it (as the LoRA paper counts); "
+              "n: seeds in a cell when not the table's usual number")
+    return (f"{stat.capitalize()}±std over seeds (sample std; one seed: {stat} only) of the final stage's {which}; "
+            f"{units}. {params}.")
 
 
 def ensure_plot(folder: Path) -> Path | None:
@@ -382,31 +436,35 @@ def model_title(model: str) -> str:
     return PACKAGED_MODELS.get(name, name)
 
 
-def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: Path) -> str:
+def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: Path, stat: str = "mean",
+             unfinished: list[str] | None = None) -> str:
     lines = []
     for table, body in zip(tables, rows):
-        lines += [f"## {table.benchmark}: {model_title(table.model)}", "", *markdown_table(table, body), "",
-                  _caption(table, metric), *plot_links(table, md_path.parent), ""]
+        lines += [f"## {table.benchmark}: {model_title(table.model)}", "", *markdown_table(table, body, stat), "",
+                  _caption(table, metric, stat), *plot_links(table, md_path.parent), ""]
+    if unfinished:
+        lines += [f"## Unfinished: {len(unfinished)} runs of the sweep", "", *unfinished, ""]
     return "\n".join(lines)
 
 
-def write_csv(path: Path, tables: list[Table], rows: list[list[dict]]) -> None:
-    """One line per table row; per column the unrounded mean, std and seed count in table units."""
+def write_csv(path: Path, tables: list[Table], rows: list[list[dict]], stat: str = "mean") -> None:
+    """One line per table row; per column the unrounded `stat`, std and seed count in table units."""
     columns = sorted({c for t in tables for c in t.columns}, key=_column_key)
-    header = ["benchmark", "model", "method", "params"]
-    header += [f"{c} {stat}" for c in columns for stat in ("mean", "std", "n")] + ["avg"]
+    header = ["benchmark", "model", "method", "params", "params_without_head"]
+    header += [f"{c} {name}" for c in columns for name in (stat, "std", "n")] + ["avg"]
     with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(header)
         for table, body in zip(tables, rows):
             for row in body:
-                line = [table.benchmark, model_title(table.model), row["label"], row["params"]]
+                without_head = row["params_without_head"]
+                line = [table.benchmark, model_title(table.model), row["label"], row["params"], "" if without_head is None else without_head]
                 for column in columns:
                     value = row["cells"].get(column)
                     if value is None:
                         line += ["", "", ""]
                     else:
-                        line += [value.mean, "" if value.std is None else value.std, value.n]
+                        line += [value.stat(stat), "" if value.std is None else value.std, value.n]
                 line.append("" if row["avg"] is None else row["avg"])
                 writer.writerow(line)
 
@@ -415,9 +473,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lorpa.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir", type=Path, help=f"folder searched recursively for {RESULTS_FILE}")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default: RUNS_DIR/summary)")
-    parser.add_argument("--metric", choices=("best", "last"), default="best",
-                        help="best: the final stage's best evaluation (the paper's number); last: its last one")
+    parser.add_argument("--metric", choices=METRICS, default="best",
+                        help="best: the final stage's best evaluation (the paper's number); last: its last one; "
+                             "selected: the evaluation chosen on the selection split (--selection_split_percentage)")
+    parser.add_argument("--stat", choices=STATISTICS, default="mean",
+                        help="how seeds are combined: mean (AdaLoRA's convention) or median (LoRA's)")
     return parser.parse_args(argv)
+
+
+def _log_state(log: Path) -> str:
+    """What a cell's train.log says: not started, failed with its exit status, or started."""
+    if not log.is_file():
+        return "not started"
+    lines = log.read_text(errors="replace").splitlines()
+    last = lines[-1] if lines else ""
+    if last.startswith("=== exit ") and not last.startswith("=== exit 0 "):
+        return f"failed (exit {last.split()[2]}), log {log}"
+    return f"running or interrupted, log {log}"
+
+
+def mark_unfinished(runs_dir: Path, tables: list[Table], rows: list[list[dict]]) -> list[str]:
+    """Per unfinished cell of the sweep: count it in the table cell its finished seeds are in (runs of
+    the same config share a parent folder), and list it with its state."""
+    unfinished = [cell for cell in read_manifest(runs_dir) if not (cell.output_dir / RESULTS_FILE).is_file()]
+    where = {}
+    for table, body in zip(tables, rows):
+        by_label = {row["label"]: row for row in body}
+        for run in table.runs:
+            where.setdefault(run.folder.parent, []).extend(
+                by_label[run.row]["cells"][column] for column in run.values if column in by_label[run.row]["cells"])
+    listed = []
+    for cell in unfinished:
+        for table_cell in {id(c): c for c in where.get(cell.output_dir.parent, [])}.values():
+            table_cell.unfinished += 1
+        listed.append(f"- {cell.name}: {_log_state(cell.log)}")
+    return listed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -428,12 +518,13 @@ def main(argv: list[str] | None = None) -> None:
     tables = build_tables(collect_runs(args.runs_dir, args.metric))
     for table in tables:
         _warn_duplicates(table)
-    rows = [table_rows(table) for table in tables]
+    rows = [table_rows(table, args.stat) for table in tables]
+    unfinished = mark_unfinished(args.runs_dir, tables, rows)
     md_path, csv_path = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(tables, rows, args.metric, md_path)
+    text = markdown(tables, rows, args.metric, md_path, args.stat, unfinished)
     md_path.write_text(text)
-    write_csv(csv_path, tables, rows)
+    write_csv(csv_path, tables, rows, args.stat)
     print(text, end="")
 
 

@@ -20,10 +20,15 @@ def best_and_last(history: list[dict], main_metric: str) -> tuple[dict, dict]:
 
 
 def results_record(outcome: TrainingOutcome, *, task: str, model: str, method: str, seed: int,
-                   main_metric: str, config: dict) -> dict:
-    """The best validation score of the final stage is what the paper reports; the last is kept too."""
+                   main_metric: str, config: dict, selection_metric: str | None = None) -> dict:
+    """The best validation score of the final stage is what the paper reports; the last is kept too.
+
+    With a selection split (`selection_metric`), `selected_metrics` is the evaluation whose selection
+    score is best: the validation score there was not used to choose the epoch.
+    """
     final = outcome.stages[-1]
     best, last = best_and_last(final["history"], main_metric)
+    selected = None if selection_metric is None else best_and_last(final["history"], selection_metric)[0]
     report = outcome.prune_report
     if report is not None and not isinstance(report, dict):
         report = report.to_dict()
@@ -35,7 +40,10 @@ def results_record(outcome: TrainingOutcome, *, task: str, model: str, method: s
         "main_metric": main_metric,
         "metrics": last,
         "best_metrics": best,
+        "selection_metric": selection_metric,
+        "selected_metrics": selected,
         "trainable_params": final["trainable_params"],
+        "head_params": final.get("head_params"),
         "ranks": final["ranks"],
         "stage1_ranks": outcome.stage1_ranks,
         "prune": None if report is None else {k: report.get(k) for k in ("score", "scope", "rewind", "svd_split")},

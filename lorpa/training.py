@@ -240,6 +240,16 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# The task heads of transformers models (peft trains them for task types SEQ_CLS, TOKEN_CLS, QA).
+HEAD_MODULES = frozenset({"classifier", "score", "classification_head", "qa_outputs"})
+
+
+def count_head(model: torch.nn.Module) -> int:
+    """Trainable parameters of the task head: papers count adapters without it (LoRA r=8: 0.3M)."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if p.requires_grad and HEAD_MODULES.intersection(name.split(".")))
+
+
 def adapter_ranks(model: torch.nn.Module) -> dict[str, int]:
     """Rank per adapted module; AdaLoRA reports the ranks its budget left non-zero."""
     if not isinstance(model, PeftModel):
@@ -349,6 +359,7 @@ def train_stages(
             "epochs": stage.epochs,
             "train_runtime_s": time.perf_counter() - started,
             "trainable_params": count_trainable(model),
+            "head_params": count_head(model),
             "ranks": adapter_ranks(model),
             "history": history,
         }

@@ -3,12 +3,14 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
 from lorpa import launch
+from lorpa.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "--max_train_samples 32 --max_eval_samples 16 --max_seq_length 32 --num_train_epochs 2 --disable_tqdm true"
@@ -38,7 +40,7 @@ def test_default_demo_runs_both_methods_and_prints_the_table(model_dir, tmp_path
     assert (tmp_path / "lorpa/rank_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = train_sh("--runs_dir", str(tmp_path), env={"LORPA_DEMO_MODEL": str(model_dir), "LORPA_DEMO_FLAGS": flags})
-    assert again.returncode == 0 and again.stdout.count("done already") == 2
+    assert again.returncode == 0 and again.stdout.count("] done already: ") == 2
 
 
 @pytest.fixture
@@ -57,24 +59,96 @@ def table(tmp_path, monkeypatch, model_dir):
     return root
 
 
-def test_table_sweep_skips_finished_cells_and_resumes_interrupted_ones(table, tmp_path, monkeypatch):
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """Every run command replaced by one that writes an empty results.json; records (config, flags) and reports."""
+    calls = {"runs": [], "reports": []}
+
+    def command_for(config, flags, nproc):
+        calls["runs"].append((Path(config), flags))
+        output_dir = flags[flags.index("--output_dir") + 1]
+        return [sys.executable, "-c", f"import pathlib; pathlib.Path({output_dir!r}, 'results.json').write_text('{{}}')"]
+
+    monkeypatch.setattr(launch, "command_for", command_for)
+    monkeypatch.setattr(launch, "report", lambda runs_dir: calls["reports"].append(runs_dir))
+    return calls
+
+
+def test_table_sweep_skips_finished_cells_and_resumes_interrupted_ones(table, tmp_path, fake_runs):
     runs = tmp_path / "runs"
     finished = runs / "lora_r4/rte/seed1"
     finished.mkdir(parents=True)
     (finished / "results.json").write_text("{}")
     interrupted = runs / "lorpa/sst2/seed1/stage1/checkpoint-2"
     interrupted.mkdir(parents=True)
-    commands = []
-    monkeypatch.setattr(launch.subprocess, "run", lambda command, **kwargs: commands.append(command))
 
     launch.main(["--table", "glue-base", "--seeds", "1", "--runs_dir", str(runs)])
 
-    runs_started = {c[c.index("--output_dir") + 1]: c for c in commands if "--output_dir" in c}
+    runs_started = {flags[flags.index("--output_dir") + 1]: flags for _, flags in fake_runs["runs"]}
     assert set(runs_started) == {str(runs / p) for p in ("lorpa/rte/seed1", "lorpa/sst2/seed1", "lora_r4/sst2/seed1")}
     resumed = runs_started[str(runs / "lorpa/sst2/seed1")]
     assert resumed[resumed.index("--resume_from_checkpoint") + 1] == "latest"
-    assert all("--seed" in c and c[c.index("--seed") + 1] == "1" for c in runs_started.values())
-    assert commands[-1][-3:] == ["-m", "lorpa.report", str(runs)]
+    assert all(flags[flags.index("--seed") + 1] == "1" for flags in runs_started.values())
+    assert fake_runs["reports"] == [runs]
+
+
+@pytest.mark.parametrize("spelling", [["--max_train_samples", "64"], ["--max_train_samples=64"]])
+def test_pass_through_flags_work_in_both_spellings_with_a_table(fake_runs, tmp_path, spelling):
+    launch.main(["--table", "glue-minilm", "--seeds", "1", *spelling, "--runs_dir", str(tmp_path)])
+    assert len(fake_runs["runs"]) == 4  # SST-2 and STS-B, LoRPA and LoRA r=8
+    assert all(flags[:len(spelling)] == spelling for _, flags in fake_runs["runs"])
+
+
+@pytest.mark.parametrize("spelling", [["--output_dir", "{}"], ["--output_dir={}"]])
+def test_pass_through_flags_work_in_both_spellings_with_a_config(monkeypatch, tmp_path, spelling):
+    commands = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    spelling = [part.format(tmp_path / "mine") for part in spelling]
+    launch.main([str(ROOT / "configs/demo.yaml"), *spelling, "--max_train_samples=64", "--model_name_or_path", "m"])
+    (command,) = commands
+    assert "--max_train_samples=64" in command
+    output_dirs = [part for part in command if part.startswith("--output_dir")]
+    assert output_dirs == spelling[:1]  # the user's folder, not a second --output_dir after it
+
+
+def one_line_error(argv, capsys) -> str:
+    assert run_cli(launch.main, argv) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    return errors[0]
+
+
+def test_seeds_that_are_not_integers_give_one_line(capsys):
+    error = one_line_error(["--table", "glue-minilm", "--seeds", "1,x"], capsys)
+    assert error == "error: --seeds '1,x': expected comma-separated integers, e.g. --seeds 1,2,3"
+
+
+def test_malformed_yaml_gives_one_line_with_line_and_column(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task_name: sst2\nlora_r: 8\nlearning_rate: [1e-3\nseed: 1\n")
+    error = one_line_error([str(bad)], capsys)
+    problem = "line 4, column 5: expected ',' or ']', but got ':'"  # the `:` of `seed:` inside the open list
+    assert error == f"error: config file {bad} is not valid YAML: {problem}"
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "rte.yaml").write_text("task_name: rte\n")
+    bad.rename(table / "sst2.yaml")
+    error = one_line_error(["--table", str(table), "--seeds", "1"], capsys)
+    assert error == f"error: config file {table / 'sst2.yaml'} is not valid YAML: {problem}"
+    assert not (ROOT / "runs" / "table").exists()  # refused before any cell started
+
+
+@pytest.mark.parametrize("flags", [["--lora_rr"], ["--lora_rr", "8"], ["--seed", "2"]])
+def test_flags_without_a_config_are_refused_naming_the_flag(flags, capsys, monkeypatch):
+    monkeypatch.setattr(launch, "demo", lambda *args: pytest.fail("the demo ran"))
+    error = one_line_error(flags, capsys)
+    assert error.startswith(f"error: the demo (train.sh without a config or --table) takes no run flags, got {flags[0]}")
+    assert "config file not found" not in error
+
+
+def test_a_config_after_flags_is_refused_with_the_order(capsys):
+    error = one_line_error(["--seed", "2", "configs/glue/smoke.yaml"], capsys)
+    assert error == "error: give the config first: bash train.sh configs/glue/smoke.yaml [flags]"
 
 
 def test_table_sweep_end_to_end_then_resume_is_a_no_op(table, tmp_path):
@@ -108,8 +182,8 @@ def test_two_process_cpu_ddp_prunes_identically_and_writes_one_result(model_dir,
 def test_unknown_table_is_refused():
     done = train_sh("--table", "glue-huge")
     assert done.returncode == 2
-    assert done.stderr.startswith("error: argument --table: invalid choice: 'glue-huge'")
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr == (f"error: --table glue-huge: neither a named table ({', '.join(launch.TABLES)}) "
+                           "nor a folder of configs\n")
 
 
 def test_single_config_passes_script_flags_through(tmp_path, monkeypatch):
@@ -119,3 +193,12 @@ def test_single_config_passes_script_flags_through(tmp_path, monkeypatch):
     (command,) = commands
     assert command[command.index("--seed") + 1] == "3"
     assert command[command.index("--model_name_or_path") + 1] == "m"
+
+
+def test_the_study_table_runs_every_row_by_default():
+    cells = list(launch.table_cells("minilm-study", ["all"]))
+    rows = {name for name, _ in cells}
+    assert {"lora_r8", "lora_r64", "magnitude", "svd", "svd_s100", "sensitivity", "iterative_svd"} <= rows
+    assert len(cells) == len(list(launch.TABLES["minilm-study"].glob("*/*.yaml")))
+    paper = {name for name, _ in launch.table_cells("glue-base", ["all"])}
+    assert paper == {name for name, _ in launch.table_cells("glue-base", ["lorpa", "lora"])}

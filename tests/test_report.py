@@ -88,8 +88,8 @@ def test_markdown_cells_are_mean_and_sample_std(runs, capsys):
     assert rows["LoRA r=8"] == ["0.3M", "82.0±2.0", "62.0±2.6", "72.0", "3"]
     # MRPC 85, 86, 90 -> 87.0 ± 2.6; CoLA 63 x3 -> 63.0 ± 0.0; params (22.6K x3 + 22.8K x3) / 6
     assert rows["LoRPA 64→8 (global)"] == ["22.7K", "87.0±2.6", "63.0±0.0", "75.0", "3"]
-    # one seed: mean only; a row without every task gets no Avg.
-    assert rows["Full FT"] == ["125.0M", "88.0", "", "", "1"]
+    # one seed: mean only, its seed count shown (the table's cells have 3); a row without every task gets no Avg.
+    assert rows["Full FT"] == ["125.0M", "88.0 (n=1)", "", "", "1"]
     assert list(rows)[1:] == ["Full FT", "LoRA r=8", "LoRPA 64→8 (global)"]
 
 
@@ -217,3 +217,82 @@ def test_heading_and_csv_name_a_packaged_model_briefly(runs, tmp_path, capsys):
     assert run_cli(main, [str(runs), "--out", str(tmp_path / "table")]) == 0
     assert "## GLUE: all-MiniLM-L6-v2" in capsys.readouterr().out
     assert {row["model"] for row in csv.DictReader((tmp_path / "table.csv").open())} == {"all-MiniLM-L6-v2"}
+
+
+def test_median_and_mean_against_hand_computed_cells(tmp_path, capsys):
+    """Four seeds of RTE and two of MRPC: median and mean differ, and the 2-seed cell says n=2."""
+    rte, mrpc = [0.70, 0.72, 0.80, 0.71], [0.85, 0.89]
+    for seed, value in enumerate(rte):
+        write(tmp_path / f"rte-{seed}", {**record("lora", "mrpc", seed, value, 300_000, dict.fromkeys(MODULES, 8)),
+                                         "task": "rte", "best_metrics": {"accuracy": value}})
+    for seed, value in enumerate(mrpc):
+        write(tmp_path / f"mrpc-{seed}", record("lora", "mrpc", seed, value, 300_000, dict.fromkeys(MODULES, 8)))
+    assert run_cli(main, [str(tmp_path), "--stat", "median"]) == 0
+    median = table_rows(capsys.readouterr().out)["LoRA r=8"]
+    # RTE sorted 70, 71, 72, 80 -> median 71.5; std of (70, 72, 80, 71): mean 73.25, ss 63.75 / 3 -> 4.6
+    # MRPC median of 85, 89 = 87.0, std 2.83; Avg. of medians (71.5 + 87) / 2 = 79.25
+    assert median == ["0.3M", "87.0±2.8 (n=2)", "71.5±4.6", "79.2", "2–4"]
+    assert "Median±std over seeds" in (tmp_path / "summary.md").read_text()
+    rows = {row["method"]: row for row in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert float(rows["LoRA r=8"]["RTE median"]) == pytest.approx(71.5)
+    assert float(rows["LoRA r=8"]["avg"]) == pytest.approx(79.25)
+    assert run_cli(main, [str(tmp_path), "--stat", "mean"]) == 0
+    mean = table_rows(capsys.readouterr().out)["LoRA r=8"]
+    assert mean[1:4] == ["87.0±2.8 (n=2)", "73.2±4.6", "80.1"]  # (73.25 + 87) / 2 = 80.125
+
+
+def test_parameter_counts_with_and_without_the_task_head(runs, capsys):
+    """RoBERTa-base LoRA r=8 on q/v: 294,912 adapter parameters plus a 592,130-parameter classification head."""
+    for folder in runs.glob("lora-*"):
+        data = json.loads((folder / "results.json").read_text())
+        write(folder, {**data, "trainable_params": 294_912 + 592_130, "head_params": 592_130})
+    assert run_cli(main, [str(runs)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["Method"][:3] == ["# Params", "w/o head", "MRPC"]
+    assert rows["LoRA r=8"][:2] == ["0.9M", "0.3M"]  # the LoRA paper's 0.3M is the count without the head
+    assert rows["Full FT"][:2] == ["125.0M", ""]  # a results.json from before head_params: left blank
+    csv_rows = {row["method"]: row for row in csv.DictReader((runs / "summary.csv").open())}
+    assert float(csv_rows["LoRA r=8"]["params_without_head"]) == 294_912
+    assert csv_rows["Full FT"]["params_without_head"] == ""
+
+
+def test_selected_metric_reads_the_selection_split_choice(runs, capsys):
+    for seed, value in enumerate([0.70, 0.74, 0.78]):
+        folder = runs / f"lora-mrpc-{seed}"
+        data = json.loads((folder / "results.json").read_text())
+        write(folder, {**data, "selected_metrics": {"epoch": 2.0, "selection_accuracy": 0.9, "accuracy": value}})
+    assert run_cli(main, [str(runs), "--metric", "selected"]) == 0
+    captured = capsys.readouterr()
+    assert table_rows(captured.out)["LoRA r=8"][1] == "74.0±4.0"  # only the runs with a selection split
+    assert "epoch chosen on a selection split" in captured.out
+    assert "field 'selected_metrics' missing (the run had no --selection_split_percentage)" in captured.err
+
+
+def test_report_during_a_sweep_marks_unfinished_cells(tmp_path, capsys):
+    """sweep.json lists the planned runs (launcher layout <row>/<task>/seed<k>): a seed still running is
+    counted in its table cell, and every unfinished run is listed with what its log says."""
+    from lorpa.sweep.cells import Cell, write_manifest
+
+    runs = tmp_path / "runs"
+    planned = [Cell(f"lora_r8/{task}/seed{seed}", tmp_path / f"{task}.yaml", runs / "lora_r8" / task / f"seed{seed}")
+               for task in ("mrpc", "cola") for seed in range(3)]
+    for seed, value in enumerate(LORA["mrpc"][:2]):
+        write(runs / "lora_r8/mrpc" / f"seed{seed}", record("lora", "mrpc", seed, value, 1, dict.fromkeys(MODULES, 8)))
+    for seed, value in enumerate(LORA["cola"]):
+        write(runs / "lora_r8/cola" / f"seed{seed}", record("lora", "cola", seed, value, 1, dict.fromkeys(MODULES, 8)))
+    running = runs / "lora_r8/mrpc/seed2"
+    running.mkdir()
+    (running / "train.log").write_text("=== start 2026-01-01T00:00:00 (0.0): python run_glue.py\nepoch 1\n")
+    failed, waiting = runs / "lorpa/rte/seed0", runs / "lorpa/rte/seed1"
+    failed.mkdir(parents=True)
+    (failed / "train.log").write_text("=== start ...\nTraceback\n=== exit 1 2026-01-01T00:00:09 (9.0)\n")
+    planned += [Cell("lorpa/rte/seed0", tmp_path / "rte.yaml", failed), Cell("lorpa/rte/seed1", tmp_path / "rte.yaml", waiting)]
+    write_manifest(runs, planned)
+    assert run_cli(main, [str(runs)]) == 0
+    out = capsys.readouterr().out
+    # MRPC: seeds 80, 82 finished (81.0 ± 1.4), seed 2 running; CoLA: all three finished
+    assert table_rows(out)["LoRA r=8"][1:3] == ["81.0±1.4 (n=2, 1 unfinished)", "62.0±2.6"]
+    assert "## Unfinished: 3 runs of the sweep" in out
+    assert f"- lora_r8/mrpc/seed2: running or interrupted, log {running / 'train.log'}" in out
+    assert f"- lorpa/rte/seed0: failed (exit 1), log {failed / 'train.log'}" in out
+    assert "- lorpa/rte/seed1: not started" in out

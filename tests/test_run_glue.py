@@ -387,3 +387,42 @@ def test_a_run_prints_no_load_report_and_no_peft_deprecation(model_dir, tmp_path
     assert "LOAD REPORT" not in output.out + output.err
     assert "weights new, trained from scratch: classifier.dense.bias" in output.out  # one line instead
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message) or "pin_memory" in str(w.message)]
+
+
+def test_selection_split_chooses_the_epoch_and_reports_the_dev_score_there(model_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    files = task_files(tmp_path, "rte", n_train=40)
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--method", "lora", "--num_train_epochs", "4",
+                           "--selection_split_percentage", "25", "--seed", "3", files=files))
+    results = read_results(output_dir)
+    history = results["stages"][0]["history"]
+    assert [entry["epoch"] for entry in history] == [1.0, 2.0, 3.0, 4.0]
+    assert all({"accuracy", "selection_accuracy", "loss", "selection_loss"} <= set(entry) for entry in history)
+    chosen = max(history, key=lambda entry: entry["selection_accuracy"])  # the first of equally good epochs
+    assert results["selection_metric"] == "selection_accuracy"
+    assert results["selected_metrics"] == chosen
+    assert results["best_metrics"]["accuracy"] == max(entry["accuracy"] for entry in history)
+    # 40 rows: 10 held out, so 30 train at batch 8 -> 4 steps an epoch
+    assert history[-1]["step"] == 16
+    # the tiny RoBERTa's classification head: dense 32x32 + 32, out_proj 32x2 + 2
+    assert results["head_params"] == 32 * 32 + 32 + 32 * 2 + 2
+    assert results["trainable_params"] - results["head_params"] == 2 * 2 * 8 * (32 + 32)  # q, v in 2 layers, r=8
+
+
+def test_selection_split_is_a_seeded_partition_of_the_training_rows(tmp_path):
+    from lorpa.glue import carve_selection_split
+
+    args = GlueDataArguments(task_name="rte", **task_files(tmp_path, "rte", n_train=40))
+    splits = load_glue(args)
+    first, again, other = (carve_selection_split(splits, 25, seed) for seed in (1, 1, 2))
+    assert len(first["selection"]) == 10 and len(first["train"]) == 30
+    held_out = list(first["selection"]["idx"])
+    assert sorted(list(first["train"]["idx"]) + held_out) == list(range(40))
+    assert held_out == list(again["selection"]["idx"]) != list(other["selection"]["idx"])
+    assert list(first["validation"]["idx"]) == list(splits["validation"]["idx"])
+
+
+def test_selection_split_percentage_out_of_range_is_one_line(model_dir, tmp_path, capsys, earlier_output):
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--selection_split_percentage", "100")
+    assert_one_line_failure(run_glue.main, argv, "--selection_split_percentage must be in (0, 100), got 100", capsys,
+                            earlier_output)
