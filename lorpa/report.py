@@ -25,6 +25,7 @@ from urllib.parse import quote
 from .cli import UsageError, run_cli
 from .plots import plot_prune_report
 from .results import RESULTS_FILE
+from .study import paired_table, prune_table
 from .sweep.cells import read_manifest
 from .training import PRUNE_REPORT_FILE
 
@@ -436,12 +437,32 @@ def model_title(model: str) -> str:
     return PACKAGED_MODELS.get(name, name)
 
 
+def _after_prune_values(metrics: dict, run: Run) -> dict[str, float]:
+    """A prune's post-prune metrics in the table's units (none when they lack the table's metric)."""
+    try:
+        return _metric_values({"task": run.task}, metrics)[1]
+    except (ValueError, KeyError):
+        return {}
+
+
+def study_sections(table: Table, body: list[dict], paired: list[str]) -> list[str]:
+    """Paired differences against each `paired` row present, and what the LoRPA rows' prunes kept."""
+    decimals = 1 if table.benchmark == "GLUE" else 2
+    labels = [row["label"] for row in body]
+    lines = []
+    for baseline in paired:
+        if baseline in labels:
+            lines += paired_table(table, labels, baseline, decimals)
+    return lines + prune_table(table, labels, _after_prune_values, decimals)
+
+
 def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: Path, stat: str = "mean",
-             unfinished: list[str] | None = None) -> str:
+             unfinished: list[str] | None = None, paired: list[str] | None = None) -> str:
     lines = []
     for table, body in zip(tables, rows):
         lines += [f"## {table.benchmark}: {model_title(table.model)}", "", *markdown_table(table, body, stat), "",
-                  _caption(table, metric, stat), *plot_links(table, md_path.parent), ""]
+                  _caption(table, metric, stat), "", *study_sections(table, body, paired or []),
+                  *plot_links(table, md_path.parent), ""]
     if unfinished:
         lines += [f"## Unfinished: {len(unfinished)} runs of the sweep", "", *unfinished, ""]
     return "\n".join(lines)
@@ -478,6 +499,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "selected: the evaluation chosen on the selection split (--selection_split_percentage)")
     parser.add_argument("--stat", choices=STATISTICS, default="mean",
                         help="how seeds are combined: mean (AdaLoRA's convention) or median (LoRA's)")
+    parser.add_argument("--paired", nargs="+", default=[], metavar="ROW",
+                        help='rows to compare every other row with, seed by seed (e.g. "LoRA r=8" "LoRA r=64")')
     return parser.parse_args(argv)
 
 
@@ -522,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     unfinished = mark_unfinished(args.runs_dir, tables, rows)
     md_path, csv_path = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(tables, rows, args.metric, md_path, args.stat, unfinished)
+    text = markdown(tables, rows, args.metric, md_path, args.stat, unfinished, args.paired)
     md_path.write_text(text)
     write_csv(csv_path, tables, rows, args.stat)
     print(text, end="")

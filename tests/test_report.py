@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import shutil
+import statistics
 from pathlib import Path
 
 import matplotlib.image
@@ -296,3 +297,21 @@ def test_report_during_a_sweep_marks_unfinished_cells(tmp_path, capsys):
     assert f"- lora_r8/mrpc/seed2: running or interrupted, log {running / 'train.log'}" in out
     assert f"- lorpa/rte/seed0: failed (exit 1), log {failed / 'train.log'}" in out
     assert "- lorpa/rte/seed1: not started" in out
+
+
+def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp_path, capsys):
+    for seed in range(3):
+        path = runs / "lorpa" / f"mrpc-{seed}" / "results.json"
+        record_ = json.loads(path.read_text())
+        record_["prunes"] = [{"mean_relative_error": 0.1 * (seed + 1), "after": {"accuracy": 0.5 + 0.1 * seed}}]
+        path.write_text(json.dumps(record_))
+    assert run_cli(main, [str(runs), "--out", str(tmp_path / "t"), "--paired", "LoRA r=8"]) == 0
+    out = capsys.readouterr().out
+    label = next(line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| LoRPA"))
+    differences = [100 * (LORPA[t][s] - LORA[t][s]) for t in ("mrpc",) for s in range(3)]  # MRPC: +5, +4, +6
+    mrpc = f"+{statistics.fmean(differences):.1f}±{statistics.stdev(differences):.1f}"
+    cola = [100 * (LORPA["cola"][s] - LORA["cola"][s]) for s in range(3)]
+    assert any(line.startswith(f"| {label} |") and mrpc in line and f"{statistics.fmean(cola):+.1f}" in line
+               for line in out.split("Paired differences against LoRA r=8")[1].splitlines())
+    prune_line = next(line for line in out.split("What the last prune kept")[1].splitlines() if line.startswith("| LoRPA"))
+    assert prune_line.split("|")[2].strip() == "0.200" and prune_line.split("|")[3].strip() == "60.0"
