@@ -28,7 +28,18 @@ from safetensors import SafetensorError, safe_open
 
 from .cli import UsageError, raise_usage_error, run_cli
 from .lowrank import SVD_SPLITS, relative_error, singular_factors
-from .pruning import SCOPES, ModulePruning, PruneReport, _kept_count, _pruned_alpha, _select_global, _select_module, _update_config
+from .pruning import (
+    SCOPES,
+    ModulePruning,
+    PruneReport,
+    _kept_count,
+    _pruned_alpha,
+    _select_global,
+    _select_module,
+    _update_config,
+    check_module_shapes,
+    check_prune_options,
+)
 from .scoring import elementwise_scores, magnitude_scores, random_scores
 
 CONFIG_FILE = "adapter_config.json"
@@ -191,33 +202,13 @@ def adapted_modules(weights: WeightsFile, config: dict) -> dict[str, AdaptedModu
     return modules
 
 
-def check_arguments(modules: dict[str, AdaptedModule], *, target_rank, ratio, score, scope, min_rank, alpha) -> None:
+def check_arguments(modules: dict[str, AdaptedModule], *, target_rank, ratio, score, scope, min_rank, alpha,
+                    svd_split="balanced") -> None:
     """The checks `lorpa.check_prune_arguments` makes, from the tensor shapes alone."""
-    if (target_rank is None) == (ratio is None):
-        raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if score not in FILE_SCORES:
-        raise ValueError(f"unknown score {score!r} for a saved adapter; choose one of {', '.join(FILE_SCORES)}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
-    if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"alpha must be 'keep_scaling' or a positive number, got {alpha!r}")
-    if target_rank is not None:
-        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < min_rank:
-            raise ValueError(f"target_rank must be an integer >= min_rank ({min_rank}), got {target_rank!r}")
-        for name, module in modules.items():
-            if module.rank < target_rank:
-                raise ValueError(f"target_rank {target_rank} exceeds the rank of {name} ({module.rank})")
-    if score == "elementwise":
-        for name, module in modules.items():
-            if module.in_features != module.out_features:
-                raise ValueError(
-                    f"{name}: the elementwise score needs in_features == out_features, "
-                    f"got in={module.in_features}, out={module.out_features}"
-                )
+    check_prune_options(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
+                        alpha=alpha, svd_split=svd_split, scores=FILE_SCORES, where=" for a saved adapter")
+    shapes = {name: (m.rank, m.in_features, m.out_features) for name, m in modules.items()}
+    check_module_shapes(shapes, target_rank=target_rank, score=score)
 
 
 def check_output_dir(adapter_dir: Path, output_dir: Path, overwrite: bool) -> None:
@@ -295,10 +286,9 @@ def prune_saved_adapter(
     check_output_dir(adapter_dir, output_dir, overwrite)
     weights = WeightsFile(weights_path)
     modules = adapted_modules(weights, config)
-    check_arguments(modules, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank, alpha=alpha)
+    check_arguments(modules, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank, alpha=alpha,
+                    svd_split=svd_split)
 
-    if svd_split not in SVD_SPLITS:
-        raise ValueError(f"unknown svd_split {svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
     rslora = bool(config.get("use_rslora"))
 
     @functools.lru_cache(maxsize=1)  # A and B of a module are read one after the other

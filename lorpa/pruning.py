@@ -175,6 +175,42 @@ def _update_config(model: nn.Module, adapter_name: str, report: PruneReport) -> 
     config.lora_alpha = report.modules[min(n for n in names if report.modules[n].new_rank == config.r)].new_alpha
 
 
+def check_prune_options(*, target_rank, ratio, score, scope, min_rank, alpha, rewind="none", svd_split="balanced",
+                        scores=SCORES, where: str = "") -> None:
+    """The checks of `prune`'s options that need no model (`prune_adapter` makes them on files too)."""
+    if (target_rank is None) == (ratio is None):
+        raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
+    if ratio is not None and not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if score not in scores:
+        raise ValueError(f"unknown score {score!r}{where}; choose one of {', '.join(scores)}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if rewind not in REWINDS:
+        raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
+    if svd_split not in SVD_SPLITS:
+        raise ValueError(f"unknown svd_split {svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
+    if score == "svd" and rewind == "init":
+        raise ValueError("rewind='init' cannot follow score='svd': the kept singular directions have no initial values")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
+    if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise ValueError(f"alpha must be 'keep_scaling' or a positive number, got {alpha!r}")
+    if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < min_rank):
+        raise ValueError(f"target_rank must be an integer >= min_rank ({min_rank}), got {target_rank!r}")
+
+
+def check_module_shapes(shapes: dict[str, tuple[int, int, int]], *, target_rank, score) -> None:
+    """Per module (rank, in_features, out_features): the target fits every rank, and elementwise is defined."""
+    for name, (rank, in_features, out_features) in shapes.items():
+        if target_rank is not None and rank < target_rank:
+            raise ValueError(f"target_rank {target_rank} exceeds the rank of {name} ({rank})")
+        if score == "elementwise" and in_features != out_features:
+            raise ValueError(
+                f"{name}: the elementwise score needs in_features == out_features, got in={in_features}, out={out_features}"
+            )
+
+
 def check_prune_arguments(
     model: nn.Module,
     *,
@@ -201,31 +237,10 @@ def check_prune_arguments(
     if model.peft_config[adapter_name].peft_type.value != "LORA":
         raise ValueError(f"prune works on LoRA adapters, got {model.peft_config[adapter_name].peft_type.value}")
     layers = lora_layers(model, adapter_name)
-    if (target_rank is None) == (ratio is None):
-        raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    if rewind not in REWINDS:
-        raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
-    if svd_split not in SVD_SPLITS:
-        raise ValueError(f"unknown svd_split {svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
-    if score == "svd" and rewind == "init":
-        raise ValueError("rewind='init' cannot follow score='svd': the kept singular directions have no initial values")
-    if not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
-    if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"alpha must be 'keep_scaling' or a positive number, got {alpha!r}")
-    if target_rank is not None:
-        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < min_rank:
-            raise ValueError(f"target_rank must be an integer >= min_rank ({min_rank}), got {target_rank!r}")
-        too_small = {n: layer.r[adapter_name] for n, layer in layers.items() if layer.r[adapter_name] < target_rank}
-        if too_small:
-            name, rank = next(iter(too_small.items()))
-            raise ValueError(f"target_rank {target_rank} exceeds the rank of {name} ({rank})")
+    check_prune_options(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
+                        alpha=alpha, rewind=rewind, svd_split=svd_split)
+    shapes = {name: (layer.r[adapter_name], layer.in_features, layer.out_features) for name, layer in layers.items()}
+    check_module_shapes(shapes, target_rank=target_rank, score=score)
     for name, layer in layers.items():
         if adapter_name in layer.merged_adapters:
             raise ValueError(f"{name}: adapter {adapter_name!r} is merged into the base weights; unmerge it first")
@@ -233,11 +248,6 @@ def check_prune_arguments(
             raise ValueError(
                 f"{name}: rewind='init' needs the injection-time values; create the adapters with "
                 "lorpa.get_peft_model or call lorpa.record_init right after get_peft_model"
-            )
-        if score == "elementwise" and layer.in_features != layer.out_features:
-            raise ValueError(
-                f"{name}: the elementwise score needs in_features == out_features, "
-                f"got in={layer.in_features}, out={layer.out_features}"
             )
     return model, adapter_name, layers
 
