@@ -7,7 +7,7 @@ no pad token and no chat template, like a base Llama checkpoint.
 
     python scripts/make_tiny_llama.py runs/tiny-llama          # model in runs/tiny-llama/model,
                                                                # data in runs/tiny-llama/data/gsm8k
-    python scripts/make_tiny_llama.py runs/tiny-llama-gsm8k --tokenizer_data ../shared/data/gsm8k/train.jsonl
+    python scripts/make_tiny_llama.py runs/tiny-llama-gsm8k --tokenizer_data DIR/gsm8k/train.jsonl
 """
 
 from __future__ import annotations
