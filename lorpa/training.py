@@ -93,6 +93,11 @@ def lorpa_stages(schedule: list[tuple[float, int | None]], num_train_epochs: flo
     return stages + [Stage(f"stage{len(stages) + 1}", final_epochs, final_steps)]
 
 
+def stage_prune_kwargs(prune_kwargs: dict, stage: Stage) -> dict:
+    """`lorpa.prune`'s options for the prune after `stage`: the run's, with the schedule's rank when it sets one."""
+    return prune_kwargs if stage.prune_to is None else {**prune_kwargs, "target_rank": stage.prune_to, "ratio": None}
+
+
 def prune_files(stages: list[Stage], index: int) -> tuple[str, str]:
     """(adapter folder, report file) of the prune after stage `index`: the last prune's keep the
     two-stage names, earlier ones are numbered by the stage they follow."""
@@ -366,10 +371,7 @@ def train_stages(
 
         if stage.prunes:
             stage1_ranks = stage1_ranks or adapter_ranks(model)
-            kwargs = dict(prune_kwargs)
-            if stage.prune_to is not None:
-                kwargs.update(target_rank=stage.prune_to, ratio=None)
-            prune_report = prune(model, **kwargs)
+            prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
             print(pruning_summary(prune_report, trainer.args.process_index), flush=True)
             adapter_dir, report_file = prune_files(stages, index)
             trainer.save_model(str(Path(output_dir, adapter_dir)))

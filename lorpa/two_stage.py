@@ -35,7 +35,7 @@ from .layers import lora_layers, resolve_adapter, unwrap
 from .outputs import write_json_atomic
 from .pruning import ModulePruning, PruneReport, _shrink_layer, _update_config, check_prune_arguments, prune
 from .sensitivity import DEFAULT_BETA, SensitivityCallback, restore_sensitivity
-from .training import find_resume_point, lorpa_stages, prune_files
+from .training import find_resume_point, lorpa_stages, prune_files, stage_prune_kwargs
 
 @dataclasses.dataclass
 class TwoStageResult:
@@ -139,8 +139,7 @@ def train_two_stage(
         if stage.trains:
             trainer.train(resume_from_checkpoint=resume)
         if stage.prunes:
-            kwargs = dict(prune_kwargs) if stage.prune_to is None else {**prune_kwargs, "target_rank": stage.prune_to, "ratio": None}
-            reports.append(prune(model, **kwargs))
+            reports.append(prune(model, **stage_prune_kwargs(prune_kwargs, stage)))
             adapter_dir, report_file = prune_files(stages, index)
             trainer.save_model(str(Path(args.output_dir, adapter_dir)))
             if trainer.is_world_process_zero():
