@@ -17,11 +17,11 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
-from lorpa.adapters import check_target_modules
-from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
+from lorpa.harness.adapters import check_target_modules
+from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
 from lorpa.cli import UsageError, parse_args, run_cli
-from lorpa.clm.arguments import ClmModelArguments
-from lorpa.clm.data import (
+from lorpa.tasks.clm.arguments import ClmModelArguments
+from lorpa.tasks.clm.data import (
     ClmDataArguments,
     PaddingCollator,
     PromptFormatter,
@@ -30,14 +30,14 @@ from lorpa.clm.data import (
     load_prompt_data,
     pad_id,
 )
-from lorpa.clm.evaluation import GenerationEvalTrainer
-from lorpa.clm.gsm8k import gsm8k_metrics
-from lorpa.clm.serving import MERGED_DIR, save_merged
-from lorpa.loading import load_pretrained
-from lorpa.outputs import check_output_dir
-from lorpa.results import results_record, run_config, write_results
-from lorpa.summarization import write_summaries
-from lorpa.training import train_stages
+from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
+from lorpa.tasks.clm.gsm8k import gsm8k_metrics
+from lorpa.tasks.clm.serving import MERGED_DIR, save_merged
+from lorpa.harness.loading import load_pretrained
+from lorpa.harness.outputs import check_output_dir
+from lorpa.harness.results import results_record, run_config, write_results
+from lorpa.tasks.summarization import write_summaries
+from lorpa.harness.training import train_stages
 
 MAIN_METRIC = "accuracy"  # final-number exact match of the generated answers
 PREDICTIONS_FILE = "generated_predictions.txt"

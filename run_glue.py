@@ -25,10 +25,10 @@ from transformers import (
     set_seed,
 )
 
-from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
+from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
 from lorpa.cli import UsageError, parse_args, run_cli
-from lorpa.loading import load_model, load_pretrained
-from lorpa.glue import (
+from lorpa.harness.loading import load_model, load_pretrained
+from lorpa.tasks.glue import (
     SELECTION_SPLIT,
     GlueDataArguments,
     carve_selection_split,
@@ -38,9 +38,9 @@ from lorpa.glue import (
     tokenize_glue,
     without_split_prefix,
 )
-from lorpa.outputs import check_output_dir
-from lorpa.results import results_record, run_config, write_results
-from lorpa.training import train_stages
+from lorpa.harness.outputs import check_output_dir
+from lorpa.harness.results import results_record, run_config, write_results
+from lorpa.harness.training import train_stages
 
 
 def write_predictions(trainer: Trainer, dataset, task, output_dir: str) -> None:

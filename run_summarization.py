@@ -16,14 +16,14 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Seq2SeqTrainingArguments, set_seed
 
-from lorpa.adapters import check_target_modules
-from lorpa.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
+from lorpa.harness.adapters import check_target_modules
+from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
 from lorpa.cli import UsageError, parse_args, run_cli
-from lorpa.generation import MergedGenerationTrainer
-from lorpa.loading import load_model, load_pretrained
-from lorpa.outputs import check_output_dir, write_json_atomic
-from lorpa.results import results_record, run_config, write_results
-from lorpa.summarization import (
+from lorpa.tasks.generation import MergedGenerationTrainer
+from lorpa.harness.loading import load_model, load_pretrained
+from lorpa.harness.outputs import check_output_dir, write_json_atomic
+from lorpa.harness.results import results_record, run_config, write_results
+from lorpa.tasks.summarization import (
     GeneratedRouge,
     SummarizationDataArguments,
     check_lengths,
@@ -33,7 +33,7 @@ from lorpa.summarization import (
     tokenize_summaries,
     write_summaries,
 )
-from lorpa.training import train_stages
+from lorpa.harness.training import train_stages
 
 # rouge2 picks the best epoch: bigram overlap rewards fluent, on-content phrasing, while rouge1 also
 # rewards scattered topic words and rougeL moves almost in step with rouge1.

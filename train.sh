@@ -4,4 +4,4 @@
 # See `bash train.sh --help` and README.md.
 set -euo pipefail
 cd "$(dirname "$0")"
-exec python -m lorpa.launch "$@"
+exec python -m lorpa.harness.launch "$@"

@@ -31,8 +31,8 @@ from transformers import (
     Seq2SeqTrainingArguments,
 )
 
-from lorpa.generation import MergedGenerationTrainer
-from lorpa.summarization import summary_collator
+from lorpa.tasks.generation import MergedGenerationTrainer
+from lorpa.tasks.summarization import summary_collator
 
 SHAPES = {  # BART's published sizes; vocabulary as facebook/bart-*
     "bart-base": dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -73,7 +73,7 @@ def collate_articles(tokenizer):
 def articles(data_dir: str | None, count: int) -> list[str]:
     """The first `count` XSum validation articles: a local copy under DATA_DIR, else the hub's."""
     from lorpa.cli import UsageError
-    from lorpa.summarization import SummarizationDataArguments, load_summarization
+    from lorpa.tasks.summarization import SummarizationDataArguments, load_summarization
 
     try:
         args = SummarizationDataArguments(dataset_name="xsum", data_dir=data_dir, max_eval_samples=count)

@@ -140,7 +140,7 @@ def sst2_sentences(data_dir: str | None) -> list[str]:
     from datasets import load_dataset
 
     from lorpa.cli import UsageError
-    from lorpa.glue import GlueDataArguments, load_glue
+    from lorpa.tasks.glue import GlueDataArguments, load_glue
 
     if data_dir is not None:
         try:

@@ -23,11 +23,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .cli import UsageError, run_cli
-from .plots import plot_prune_report
-from .results import RESULTS_FILE
-from .study import paired_table, prune_table
-from .sweep.cells import read_manifest
-from .training import PRUNE_REPORT_FILE
+from .harness.plots import plot_prune_report
+from .harness.results import RESULTS_FILE
+from .harness.study import paired_table, prune_table
+from .harness.sweep.cells import read_manifest
+from .harness.training import PRUNE_REPORT_FILE
 
 PLOT_FILE = "rank_plot.png"
 

@@ -22,7 +22,7 @@ from tokenizers import ByteLevelBPETokenizer, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lorpa.clm.arithmetic import write_arithmetic_gsm8k  # noqa: E402
+from lorpa.tasks.clm.arithmetic import write_arithmetic_gsm8k  # noqa: E402
 
 SPECIAL = ["<s>", "</s>", "<unk>"]
 

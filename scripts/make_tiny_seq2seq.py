@@ -3,7 +3,7 @@
 
 No pretrained sequence-to-sequence model installs offline, so the summarization smoke config runs
 on this one. Its scores mean nothing (the weights start random); it exercises the whole pipeline.
-The articles (XSum columns, from lorpa/demo_data.py) go to OUTPUT_DIR/data/{train,validation}.jsonl,
+The articles (XSum columns, from lorpa/tasks/demo_data.py) go to OUTPUT_DIR/data/{train,validation}.jsonl,
 where the smoke config reads them; the tokenizer is trained on them, or on `--data FILE` (any
 JSON Lines file with document and summary columns, e.g. a local copy of XSum).
 
@@ -20,7 +20,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, processors
 from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
 
-from lorpa.demo_data import write_demo_summaries
+from lorpa.tasks.demo_data import write_demo_summaries
 
 SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0-4
 

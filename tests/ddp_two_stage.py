@@ -18,10 +18,10 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import lorpa
-from lorpa.clm.arithmetic import arithmetic_rows
-from lorpa.clm.data import PromptFormatter, pad_id
-from lorpa.clm.evaluation import GenerationEvalTrainer
-from lorpa.clm.gsm8k import gsm8k_metrics
+from lorpa.tasks.clm.arithmetic import arithmetic_rows
+from lorpa.tasks.clm.data import PromptFormatter, pad_id
+from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
+from lorpa.tasks.clm.gsm8k import gsm8k_metrics
 
 
 class LoggingTrainer(Trainer):

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lorpa.demo_data import NEGATIVE_WORDS, POSITIVE_WORDS, main, write_demo_glue
+from lorpa.tasks.demo_data import NEGATIVE_WORDS, POSITIVE_WORDS, main, write_demo_glue
 
 CONTRAST_WORDS = {"but", "although", "though", "yet", "however"}
 NEGATORS = {"not", "never", "cannot", "hardly", "far", "anything", "nowhere"}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lorpa.clm.gsm8k import exact_match, final_number, gsm8k_accuracy
+from lorpa.tasks.clm.gsm8k import exact_match, final_number, gsm8k_accuracy
 
 REFERENCE = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72"
 

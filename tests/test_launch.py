@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
-from lorpa import launch
+from lorpa.harness import launch
 from lorpa.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +167,8 @@ def test_two_process_cpu_ddp_prunes_identically_and_writes_one_result(model_dir,
     done = train_sh(
         "configs/glue/smoke.yaml", "--nproc", "2", "--model_name_or_path", str(model_dir),
         "--train_file", str(train), "--validation_file", str(validation), "--modules_to_save", "classifier",
-        "--prune_scope", "global", "--num_train_epochs", "2", "--disable_tqdm", "true", "--output_dir", str(output_dir),
+        "--prune_scope", "global", "--prune_score", "svd",  # svd: every process takes rank 0's rewritten factors
+        "--num_train_epochs", "2", "--disable_tqdm", "true", "--output_dir", str(output_dir),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("[process ")]
@@ -177,6 +178,7 @@ def test_two_process_cpu_ddp_prunes_identically_and_writes_one_result(model_dir,
     results = json.loads((output_dir / "results.json").read_text())
     assert results["config"]["training"]["per_device_train_batch_size"] == 16  # the smoke config's 32, split in two
     assert sum(results["ranks"].values()) == 4 * len(results["ranks"])
+    assert results["prune"]["score"] == "svd" and results["prune"]["scope"] == "global"
 
 
 def test_unknown_table_is_refused():

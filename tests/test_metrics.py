@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lorpa.metrics import (
+from lorpa.tasks.metrics import (
     GLUE_TASKS,
     GlueTask,
     get_glue_task,

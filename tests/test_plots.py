@@ -2,7 +2,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lorpa.plots import heatmap_panel, kept_mass, module_thresholds, plot_prune_report, prune_figure, rank_grid
+from lorpa.harness.plots import heatmap_panel, kept_mass, module_thresholds, plot_prune_report, prune_figure, rank_grid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ import matplotlib.image
 import pytest
 
 from lorpa.cli import run_cli
-from lorpa.plots import plot_prune_report
+from lorpa.harness.plots import plot_prune_report
 from lorpa.report import format_params, main, model_title, row_label
 
 MODULES = [f"roberta.encoder.layer.{layer}.attention.self.{kind}" for layer in range(2) for kind in ("query", "value")]
@@ -21,7 +21,7 @@ METRIC = {"mrpc": "accuracy", "cola": "matthews_correlation"}
 
 
 def record(method, task, seed, value, params, ranks, stage1_ranks=None, scope=None, lora_r=8):
-    """A results.json as lorpa.results.results_record writes it (stages trimmed)."""
+    """A results.json as lorpa.harness.results.results_record writes it (stages trimmed)."""
     best = {"epoch": 3.0, "step": 30, "loss": 0.4, METRIC[task]: value}
     if task == "mrpc":
         best["f1"] = 0.99  # the table must show MRPC accuracy, not F1
@@ -272,7 +272,7 @@ def test_selected_metric_reads_the_selection_split_choice(runs, capsys):
 def test_report_during_a_sweep_marks_unfinished_cells(tmp_path, capsys):
     """sweep.json lists the planned runs (launcher layout <row>/<task>/seed<k>): a seed still running is
     counted in its table cell, and every unfinished run is listed with what its log says."""
-    from lorpa.sweep.cells import Cell, write_manifest
+    from lorpa.harness.sweep.cells import Cell, write_manifest
 
     runs = tmp_path / "runs"
     planned = [Cell(f"lora_r8/{task}/seed{seed}", tmp_path / f"{task}.yaml", runs / "lora_r8" / task / f"seed{seed}")

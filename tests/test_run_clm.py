@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 import lorpa
 import run_clm
 from lorpa import report
-from lorpa.arguments import MethodArguments, ModelArguments
+from lorpa.harness.arguments import MethodArguments, ModelArguments
 from lorpa.cli import parse_args
-from lorpa.clm.arguments import ClmModelArguments
-from lorpa.clm.arithmetic import arithmetic_rows, write_arithmetic_gsm8k
-from lorpa.clm.data import (
+from lorpa.tasks.clm.arguments import ClmModelArguments
+from lorpa.tasks.clm.arithmetic import arithmetic_rows, write_arithmetic_gsm8k
+from lorpa.tasks.clm.data import (
     IGNORE_INDEX,
     ClmDataArguments,
     PaddingCollator,
@@ -28,9 +28,9 @@ from lorpa.clm.data import (
     encode_split,
     pad_id,
 )
-from lorpa.clm.evaluation import GenerationEvalTrainer
-from lorpa.clm.gsm8k import gsm8k_metrics
-from lorpa.launch import script_for
+from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
+from lorpa.tasks.clm.gsm8k import gsm8k_metrics
+from lorpa.harness.launch import script_for
 
 TEMPLATE = "Question: {prompt} Think step by step.\nAnswer:"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -12,9 +12,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 import lorpa
 import run_glue
-from lorpa.arguments import MethodArguments, ModelArguments
-from lorpa.glue import GlueDataArguments, load_glue
-from lorpa.metrics import GLUE_TASKS, glue_metrics
+from lorpa.harness.arguments import MethodArguments, ModelArguments
+from lorpa.tasks.glue import GlueDataArguments, load_glue
+from lorpa.tasks.metrics import GLUE_TASKS, glue_metrics
 
 RESULT_KEYS = {
     "task", "model", "method", "seed", "metrics", "best_metrics", "trainable_params", "ranks", "stage1_ranks",
@@ -359,7 +359,7 @@ def test_help_puts_config_and_lorpa_flags_first_and_marks_the_trainers(capsys):
     assert "transformers' Trainer flags" in text[text.index("--adalora_tfinal_ratio"):text.index("--output_dir")]
     options = text.split("\n  -")
     assert not [option for option in options if option.count("default") > 1 and "(default:" in option]
-    from lorpa.summarization import SummarizationDataArguments
+    from lorpa.tasks.summarization import SummarizationDataArguments
 
     for group in (ModelArguments, GlueDataArguments, MethodArguments, SummarizationDataArguments):
         assert not [f.name for f in dataclasses.fields(group) if not f.metadata.get("help")]
@@ -372,7 +372,7 @@ def test_missing_required_flag_is_one_line(tmp_path, capsys, earlier_output):
 
 
 def test_no_pin_memory_without_an_accelerator():
-    from lorpa.arguments import TRAINING_DEFAULTS
+    from lorpa.harness.arguments import TRAINING_DEFAULTS
 
     assert TRAINING_DEFAULTS["dataloader_pin_memory"] is torch.accelerator.is_available()
 
@@ -410,7 +410,7 @@ def test_selection_split_chooses_the_epoch_and_reports_the_dev_score_there(model
 
 
 def test_selection_split_is_a_seeded_partition_of_the_training_rows(tmp_path):
-    from lorpa.glue import carve_selection_split
+    from lorpa.tasks.glue import carve_selection_split
 
     args = GlueDataArguments(task_name="rte", **task_files(tmp_path, "rte", n_train=40))
     splits = load_glue(args)

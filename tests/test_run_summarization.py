@@ -24,10 +24,10 @@ from transformers import (
 
 import lorpa
 import run_summarization
-from lorpa.arguments import MethodArguments, ModelArguments
+from lorpa.harness.arguments import MethodArguments, ModelArguments
 from lorpa.cli import UsageError, parse_args
-from lorpa.generation import MergedGenerationTrainer, merged_adapters
-from lorpa.summarization import (
+from lorpa.tasks.generation import MergedGenerationTrainer, merged_adapters
+from lorpa.tasks.summarization import (
     SummarizationDataArguments,
     decode,
     load_summarization,

@@ -5,7 +5,7 @@ import statistics
 from types import SimpleNamespace
 
 
-from lorpa.study import paired_differences, paired_table, prune_table
+from lorpa.harness.study import paired_differences, paired_table, prune_table
 
 
 def run(row, seed, values, folder=None):

@@ -210,7 +210,7 @@ def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
 
 
 def test_slurm_launcher_without_submitit_names_the_extra(monkeypatch, capsys, tmp_path):
-    from lorpa import launch
+    from lorpa.harness import launch
     from lorpa.cli import run_cli
 
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
@@ -225,14 +225,14 @@ def test_slurm_launcher_without_submitit_names_the_extra(monkeypatch, capsys, tm
     ("90", 90), ("30:30", 31), ("8:00:00", 480), ("1-00", 1440), ("1-02:30", 1590), ("0:0:30", 1),
 ])
 def test_slurm_time_formats_become_minutes(time, expected):
-    from lorpa.sweep.slurm import minutes
+    from lorpa.harness.sweep.slurm import minutes
 
     assert minutes(time) == expected
 
 
 def test_bad_slurm_time_is_one_line_before_anything_is_written(capsys, tmp_path):
     pytest.importorskip("submitit")
-    from lorpa import launch
+    from lorpa.harness import launch
     from lorpa.cli import run_cli
 
     argv = ["--table", "glue-base", "--launcher", "slurm", "--slurm_time", "8h", "--runs_dir", str(tmp_path / "runs")]
@@ -243,7 +243,7 @@ def test_bad_slurm_time_is_one_line_before_anything_is_written(capsys, tmp_path)
 
 def test_parallel_cells_get_their_own_gpus_or_share_of_the_cores(monkeypatch):
     from lorpa.cli import UsageError
-    from lorpa.sweep.local import slot_environments
+    from lorpa.harness.sweep.local import slot_environments
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
     assert slot_environments(2, 2, gpus=4) == [{"CUDA_VISIBLE_DEVICES": "3,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]

@@ -14,10 +14,10 @@ from tiny_assets import write_tiny_decoder
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import lorpa
-from lorpa.clm.arithmetic import arithmetic_rows
-from lorpa.clm.data import PromptFormatter, pad_id
-from lorpa.clm.evaluation import GenerationEvalTrainer
-from lorpa.clm.gsm8k import gsm8k_metrics
+from lorpa.tasks.clm.arithmetic import arithmetic_rows
+from lorpa.tasks.clm.data import PromptFormatter, pad_id
+from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
+from lorpa.tasks.clm.gsm8k import gsm8k_metrics
 
 KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

@@ -64,7 +64,7 @@ def write_tiny_bart(folder: Path) -> Path:
 
 def glue_rows(task: str, n: int, seed: int) -> list[dict]:
     """Rows in the HF `glue` schema of `task`, with labels that depend on the text."""
-    from lorpa.metrics import GLUE_TASKS
+    from lorpa.tasks.metrics import GLUE_TASKS
 
     spec = GLUE_TASKS[task]
     rng = random.Random(seed)
@@ -101,7 +101,7 @@ def write_tiny_decoder(folder: Path, kind: str = "llama") -> Path:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from lorpa.clm.arithmetic import arithmetic_rows
+    from lorpa.tasks.clm.arithmetic import arithmetic_rows
 
     special = ["<s>", "</s>", "<unk>"] + (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if kind == "qwen2" else [])
     bpe = ByteLevelBPETokenizer()

@@ -7,7 +7,7 @@ import os
 import secrets
 from pathlib import Path
 
-from .cli import UsageError
+from ..cli import UsageError
 
 
 def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> None:

@@ -11,10 +11,10 @@ from typing import ClassVar
 
 import torch
 
-from .cli import UsageError
-from .lowrank import SVD_SPLITS
-from .pruning import REWINDS, SCOPES
-from .scoring import SCORES
+from ..cli import UsageError
+from ..lowrank import SVD_SPLITS
+from ..pruning import REWINDS, SCOPES
+from ..scoring import SCORES
 
 METHODS = ("lorpa", "lora", "full", "adalora")
 PAPER_TARGET_RANK = 8  # RoBERTa in the paper; used when neither prune flag is given

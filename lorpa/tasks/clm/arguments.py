@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cli import UsageError
+from ...cli import UsageError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

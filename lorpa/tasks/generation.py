@@ -16,7 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import Seq2SeqTrainer
 
-from .layers import base_model, unwrap
+from ..layers import base_model, unwrap
 
 
 @contextmanager

@@ -30,14 +30,14 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 
+from ..cli import UsageError
+from ..layers import lora_layers
+from ..pruning import PruneReport, check_prune_arguments, prune
+from ..rewind import init_state_dict, load_init_state_dict
+from ..sensitivity import SensitivityCallback, restore_sensitivity
 from .adapters import AdaLoraAllocationCallback, attach_adapters
 from .arguments import MethodArguments
-from .cli import UsageError
-from .layers import lora_layers
 from .outputs import write_json_atomic
-from .pruning import PruneReport, check_prune_arguments, prune
-from .rewind import init_state_dict, load_init_state_dict
-from .sensitivity import SensitivityCallback, restore_sensitivity
 
 PRUNED_ADAPTER_DIR = "pruned_adapter"
 PRUNE_REPORT_FILE = "prune_report.json"

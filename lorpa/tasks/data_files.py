@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from .cli import UsageError
+from ..cli import UsageError
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 

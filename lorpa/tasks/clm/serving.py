@@ -6,7 +6,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from ..layers import unwrap
+from ...layers import unwrap
 
 MERGED_DIR = "merged"
 

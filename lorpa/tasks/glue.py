@@ -9,7 +9,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
-from .cli import UsageError
+from ..cli import UsageError
 from .data_files import check_sample_limits, raw_values, read_data_file, require_columns
 from .metrics import GLUE_TASKS, GlueTask, glue_metrics
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import UsageError
+from ...cli import UsageError
 from .cells import Cell, start
 
 SUBMITIT_FOLDER = "slurm"  # below the sweep folder: sbatch files, submitit's pickles and task logs

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import UsageError
+from ...cli import UsageError
 from .cells import Cell, start
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from .cli import UsageError, raise_usage_error, run_cli
-from .demo_data import write_demo_glue
+from ..cli import UsageError, raise_usage_error, run_cli
+from ..tasks.demo_data import write_demo_glue
 from .sweep.cells import Cell, write_manifest
 from .sweep.local import run_cells, summary
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs/demo.yaml"
 TABLES = {
     "glue-base": ROOT / "configs/glue/roberta-base",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .cli import UsageError
+from ..cli import UsageError
 
 
 def _could_be_hub_id(name: str) -> bool:

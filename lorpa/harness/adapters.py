@@ -18,9 +18,9 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
+from .. import rewind
+from ..cli import UsageError
 from .arguments import MethodArguments
-from .cli import UsageError
-from . import rewind
 
 
 def target_modules(args: MethodArguments) -> list[str] | str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset
 
-from ..cli import UsageError
+from ...cli import UsageError
 from ..data_files import read_data_file, require_columns
 
 IGNORE_INDEX = -100  # label of prompt and padding positions, skipped by the loss

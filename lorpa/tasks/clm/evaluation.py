@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, Trainer
 
+from ...layers import unwrap
 from ..generation import merged_adapters
-from ..layers import unwrap
 from .data import left_padded
 
 

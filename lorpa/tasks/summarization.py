@@ -14,7 +14,7 @@ import numpy as np
 from datasets import DatasetDict, load_dataset
 from transformers import DataCollatorForSeq2Seq
 
-from .cli import UsageError
+from ..cli import UsageError
 from .data_files import read_data_file, require_columns
 from .metrics import rouge_metrics
 
