@@ -110,4 +110,14 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     except (UsageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """A torchrun replica that exits inside its process group can abort at teardown (a gloo thread
+    still joinable), failing a run whose results are already written. Only after success: leaving
+    while a failed peer is mid-collective can hang."""
+    distributed = sys.modules.get("torch.distributed")  # never imports torch for commands that don't use it
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()

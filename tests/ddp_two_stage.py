@@ -67,6 +67,7 @@ def main(out: Path, model_dir: Path):
         "answers": generator.generate_answers(),
     }
     (out / f"process{rank}.json").write_text(json.dumps(record))
+    torch.distributed.destroy_process_group()  # as torch asks of every replica: exiting inside the group can abort
 
 
 if __name__ == "__main__":

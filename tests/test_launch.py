@@ -181,6 +181,17 @@ def test_two_process_cpu_ddp_prunes_identically_and_writes_one_result(model_dir,
     assert results["prune"]["score"] == "svd" and results["prune"]["scope"] == "global"
 
 
+def test_a_successful_run_leaves_its_process_group(tmp_path):
+    """A replica still in its gloo group at exit can abort after writing its results (seen as a failed run)."""
+    import torch.distributed as dist
+
+    def main(argv):
+        dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+
+    assert run_cli(main, []) == 0
+    assert not dist.is_initialized()
+
+
 def test_unknown_table_is_refused():
     done = train_sh("--table", "glue-huge")
     assert done.returncode == 2

@@ -372,7 +372,9 @@ def train_stages(
         if stage.prunes:
             stage1_ranks = stage1_ranks or adapter_ranks(model)
             prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
-            print(pruning_summary(prune_report, trainer.args.process_index), flush=True)
+            # One write per line: replicas share stdout, and print's separate newline write interleaves.
+            sys.stdout.write(pruning_summary(prune_report, trainer.args.process_index) + "\n")
+            sys.stdout.flush()
             adapter_dir, report_file = prune_files(stages, index)
             trainer.save_model(str(Path(output_dir, adapter_dir)))
             next_args = dataclasses.replace(stage_args, output_dir=str(Path(output_dir, stages[index + 1].name)))
