@@ -34,7 +34,7 @@ from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
 from lorpa.tasks.clm.gsm8k import gsm8k_metrics
 from lorpa.tasks.clm.serving import MERGED_DIR, save_merged
 from lorpa.harness.loading import load_pretrained
-from lorpa.harness.outputs import check_output_dir
+from lorpa.harness.outputs import check_run_arguments
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.tasks.summarization import write_summaries
 from lorpa.harness.training import train_stages
@@ -58,15 +58,9 @@ def main(argv=None):
         description=__doc__.splitlines()[0],
         defaults=TRAINING_DEFAULTS,
     )
-    if not training_args.output_dir:
-        raise UsageError("--output_dir is required")
+    check_run_arguments(training_args, method_args)
     if clm_args.merge_final and method_args.method == "full":
         raise UsageError("--merge_final merges an adapter; --method full already saves the whole model")
-    check_output_dir(
-        training_args.output_dir,
-        overwrite=method_args.overwrite_output_dir,
-        resuming=training_args.resume_from_checkpoint is not None,
-    )
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     config = load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     check_length(config, data_args)

@@ -25,8 +25,8 @@ from transformers import (
     set_seed,
 )
 
-from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
-from lorpa.cli import UsageError, parse_args, run_cli
+from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
+from lorpa.cli import parse_args, run_cli
 from lorpa.harness.loading import load_model, load_pretrained
 from lorpa.tasks.glue import (
     SELECTION_SPLIT,
@@ -38,7 +38,7 @@ from lorpa.tasks.glue import (
     tokenize_glue,
     without_split_prefix,
 )
-from lorpa.harness.outputs import check_output_dir
+from lorpa.harness.outputs import check_run_arguments
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.harness.training import train_stages
 
@@ -60,14 +60,7 @@ def main(argv=None):
         description=__doc__.splitlines()[0],
         defaults=TRAINING_DEFAULTS,
     )
-    if not training_args.output_dir:
-        raise UsageError("--output_dir is required")
-    check_training_arguments(training_args)
-    check_output_dir(
-        training_args.output_dir,
-        overwrite=method_args.overwrite_output_dir,
-        resuming=training_args.resume_from_checkpoint is not None,
-    )
+    check_run_arguments(training_args, method_args)
     task = data_args.task
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data

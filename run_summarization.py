@@ -17,11 +17,12 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Seq2SeqTrainingArguments, set_seed
 
 from lorpa.harness.adapters import check_target_modules
-from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments, check_training_arguments
+from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
 from lorpa.cli import UsageError, parse_args, run_cli
 from lorpa.tasks.generation import MergedGenerationTrainer
 from lorpa.harness.loading import load_model, load_pretrained
-from lorpa.harness.outputs import check_output_dir, write_json_atomic
+from lorpa.checkpoints import write_json_atomic
+from lorpa.harness.outputs import check_run_arguments
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.tasks.summarization import (
     GeneratedRouge,
@@ -58,17 +59,10 @@ def main(argv=None):
         description=__doc__.splitlines()[0],
         defaults={**TRAINING_DEFAULTS, "predict_with_generate": True},
     )
-    if not training_args.output_dir:
-        raise UsageError("--output_dir is required")
-    check_training_arguments(training_args)
+    check_run_arguments(training_args, method_args)
     if not training_args.predict_with_generate:
         raise UsageError("ROUGE is scored on generated summaries: --predict_with_generate must stay true")
     training_args.generation_max_length = training_args.generation_max_length or data_args.val_max_target_length
-    check_output_dir(
-        training_args.output_dir,
-        overwrite=method_args.overwrite_output_dir,
-        resuming=training_args.resume_from_checkpoint is not None,
-    )
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     config = load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     check_lengths(config, data_args, training_args.generation_max_length)

@@ -27,7 +27,7 @@ from .harness.plots import plot_prune_report
 from .harness.results import RESULTS_FILE
 from .harness.study import paired_table, prune_table
 from .harness.sweep.cells import read_manifest
-from .harness.training import PRUNE_REPORT_FILE
+from .stages import PRUNE_REPORT_FILE
 
 PLOT_FILE = "rank_plot.png"
 

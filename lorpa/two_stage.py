@@ -13,7 +13,7 @@ Every stage after a prune needs its own Trainer: pruning replaces the LoRA param
 previous optimizer, LR schedule and DDP / accelerate wrapper all hold tensors that no longer exist.
 `make_trainer` builds a Trainer for the model it is given (the pruned one after a prune), which wraps
 it afresh. Under DDP every process calls `train_two_stage` as it would call `trainer.train()`; `prune`
-makes every process keep rank 0's components. The stages are the run scripts' (`lorpa.harness.training`):
+makes every process keep rank 0's components. The stages are the run scripts' (`lorpa.stages`):
 the same split of epochs or steps, `prune_schedule` for several prunes, and `stage1_ratio=1.0` to
 prune after the whole budget with no retraining.
 """
@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .harness.arguments import PAPER_TARGET_RANK, parse_prune_schedule
+from .checkpoints import find_resume_point, write_json_atomic
 from .cli import UsageError
 from .layers import lora_layers, resolve_adapter, unwrap
-from .harness.outputs import write_json_atomic
 from .pruning import ModulePruning, PruneReport, _shrink_layer, _update_config, check_prune_arguments, prune
 from .sensitivity import DEFAULT_BETA, SensitivityCallback, restore_sensitivity
-from .harness.training import find_resume_point, lorpa_stages, prune_files, stage_prune_kwargs
+from .stages import PAPER_TARGET_RANK, lorpa_stages, parse_prune_schedule, prune_files, stage_prune_kwargs
+
 
 @dataclasses.dataclass
 class TwoStageResult:

@@ -11,8 +11,8 @@ from tiny_assets import write_tiny_roberta
 
 import run_glue
 from lorpa.cli import UsageError
-from lorpa.harness.outputs import write_json_atomic
-from lorpa.harness.training import PRUNED_ADAPTER_DIR, Stage, find_resume_point
+from lorpa.checkpoints import find_resume_point, write_json_atomic
+from lorpa.stages import PRUNED_ADAPTER_DIR, Stage
 
 STAGES = [Stage("stage1", 1), Stage("stage2", 4)]
 

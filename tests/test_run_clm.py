@@ -277,6 +277,7 @@ BAD_FLAGS = {
     "data_dir without gsm8k": (["--train_file", None, "--validation_file", None, "--data_dir", "nowhere"],
                                "--data_dir nowhere: no folder nowhere/gsm8k"),
     "unknown method": (["--method", "dora"], "unknown method 'dora'"),
+    "no epochs": (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
 }
 
 

@@ -268,6 +268,7 @@ BAD_FLAGS = {
     "source beyond positions": (["--max_source_length", "100"], "--max_source_length 100 exceeds the model's 80"),
     "teacher forcing": (["--predict_with_generate", "false"], "--predict_with_generate must stay true"),
     "nothing to predict": (["--do_predict", "true"], "--do_predict with local data needs --test_file"),
+    "no epochs": (["--num_train_epochs", "0"], "--num_train_epochs must be positive"),
 }
 
 

@@ -48,6 +48,14 @@ def training_args(output_dir, **overrides):
     return TrainingArguments(str(output_dir), **{**values, **overrides})
 
 
+def test_the_method_and_its_commands_load_without_the_harness():
+    """`import lorpa` users get the method alone: the run machinery and task families stay out."""
+    code = ("import sys, lorpa, lorpa.two_stage, lorpa.prune_adapter; "
+            "print(sorted(m for m in sys.modules if m.startswith(('lorpa.harness', 'lorpa.tasks'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_trainer_subclass_gets_two_stages_and_a_fresh_optimizer(tmp_path):
     model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
                                                           target_modules="all-linear"))

@@ -15,9 +15,9 @@ from ..cli import UsageError
 from ..lowrank import SVD_SPLITS
 from ..pruning import REWINDS, SCOPES
 from ..scoring import SCORES
+from ..stages import PAPER_TARGET_RANK, parse_prune_schedule
 
 METHODS = ("lorpa", "lora", "full", "adalora")
-PAPER_TARGET_RANK = 8  # RoBERTa in the paper; used when neither prune flag is given
 # Trainer settings the run scripts change: evaluate and log every epoch (the paper reports the best
 # per-epoch validation score) and keep only the latest checkpoint.
 # Pinned memory only helps copies to an accelerator; on a CPU-only machine torch warns about it every epoch.
@@ -25,30 +25,6 @@ TRAINING_DEFAULTS = {
     "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1, "logging_strategy": "epoch",
     "dataloader_pin_memory": torch.accelerator.is_available(),
 }
-
-
-def check_training_arguments(training_args) -> None:
-    """Refuse a run that would train nothing (and still replace an earlier results.json)."""
-    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
-        raise UsageError(f"--num_train_epochs must be positive (or set --max_steps), got {training_args.num_train_epochs}")
-
-
-def parse_prune_schedule(text: str, max_rank: int) -> list[tuple[float, int]]:
-    """'0.1:32,0.15:16,0.2:8' -> [(0.1, 32), (0.15, 16), (0.2, 8)]: fractions rising within (0, 1],
-    ranks falling from at most `max_rank` (the stage-1 rank) to at least 1."""
-    steps = []
-    for item in text.split(","):
-        try:
-            fraction, rank = item.split(":")
-            steps.append((float(fraction), int(rank)))
-        except ValueError:
-            raise UsageError(f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. 0.1:32,0.15:16,0.2:8)") from None
-    fractions, ranks = [f for f, _ in steps], [r for _, r in steps]
-    if not all(a < b for a, b in zip([0.0] + fractions, fractions)) or fractions[-1] > 1:
-        raise UsageError(f"--prune_schedule fractions must increase within (0, 1], got {fractions}")
-    if not all(a > b for a, b in zip([max_rank + 1] + ranks, ranks)) or ranks[-1] < 1:
-        raise UsageError(f"--prune_schedule ranks must decrease from at most --lora_r={max_rank} to >= 1, got {ranks}")
-    return steps
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .outputs import write_json_atomic
+from ..checkpoints import write_json_atomic
 from .training import TrainingOutcome
 
 RESULTS_FILE = "results.json"

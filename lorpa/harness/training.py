@@ -1,4 +1,4 @@
-"""The LoRPA stage schedule over any transformers Trainer, and the single-stage baselines.
+"""The run scripts' training loop: LoRPA's stages (`lorpa.stages`) over any transformers Trainer, and the baselines.
 
 lorpa:  stage1 (r0, `stage1_ratio` of the epochs) -> prune -> stage2 (fresh Trainer, so a fresh
         optimizer and LR schedule, for the remaining epochs, or `stage2_epochs`; none at
@@ -21,40 +21,24 @@ import math
 import re
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 
+from ..checkpoints import checkpoint_problem, find_resume_point, write_json_atomic
 from ..cli import UsageError
 from ..layers import lora_layers
 from ..pruning import PruneReport, check_prune_arguments, prune
 from ..rewind import init_state_dict, load_init_state_dict
 from ..sensitivity import SensitivityCallback, restore_sensitivity
+from ..stages import Stage, lorpa_stages, prune_files, stage_prune_kwargs
 from .adapters import AdaLoraAllocationCallback, attach_adapters
 from .arguments import MethodArguments
-from .outputs import write_json_atomic
 
-PRUNED_ADAPTER_DIR = "pruned_adapter"
-PRUNE_REPORT_FILE = "prune_report.json"
 STAGE_SUMMARY_FILE = "stage_summary.json"
-
-
-@dataclasses.dataclass
-class Stage:
-    name: str
-    epochs: float
-    max_steps: int = -1  # >= 0: the stage's share of --max_steps, which overrides epochs
-    prune_to: int | None = None  # target rank of the prune after this stage (None: the prune flags decide)
-    prunes: bool = False  # whether a prune follows this stage
-
-    @property
-    def trains(self) -> bool:
-        return self.max_steps > 0 if self.max_steps >= 0 else self.epochs > 0
 
 
 @dataclasses.dataclass
@@ -75,116 +59,12 @@ def plan_stages(args: MethodArguments, num_train_epochs: float, max_steps: int =
     return lorpa_stages(args.schedule(), num_train_epochs, max_steps, args.stage2_epochs)
 
 
-def lorpa_stages(schedule: list[tuple[float, int | None]], num_train_epochs: float, max_steps: int = -1,
-                 stage2_epochs: float | None = None) -> list[Stage]:
-    """A stage per (fraction, target rank) of `schedule`, each followed by its prune, then the final stage
-    (the rest of the budget, or `stage2_epochs`). With `max_steps` > 0 steps are shared out, not epochs."""
-
-    def steps_until(fraction: float) -> int:
-        return round(max_steps * fraction) if max_steps > 0 else 0
-
-    stages, done = [], 0.0
-    for index, (fraction, rank) in enumerate(schedule, start=1):
-        steps = steps_until(fraction) - steps_until(done) if max_steps > 0 else -1
-        stages.append(Stage(f"stage{index}", num_train_epochs * (fraction - done), steps, rank, prunes=True))
-        done = fraction
-    final_steps = max_steps - steps_until(done) if max_steps > 0 and stage2_epochs is None else -1
-    final_epochs = num_train_epochs * (1 - done) if stage2_epochs is None else stage2_epochs
-    return stages + [Stage(f"stage{len(stages) + 1}", final_epochs, final_steps)]
-
-
-def stage_prune_kwargs(prune_kwargs: dict, stage: Stage) -> dict:
-    """`lorpa.prune`'s options for the prune after `stage`: the run's, with the schedule's rank when it sets one."""
-    return prune_kwargs if stage.prune_to is None else {**prune_kwargs, "target_rank": stage.prune_to, "ratio": None}
-
-
-def prune_files(stages: list[Stage], index: int) -> tuple[str, str]:
-    """(adapter folder, report file) of the prune after stage `index`: the last prune's keep the
-    two-stage names, earlier ones are numbered by the stage they follow."""
-    last = max(i for i, stage in enumerate(stages) if stage.prunes)
-    if index == last:
-        return PRUNED_ADAPTER_DIR, PRUNE_REPORT_FILE
-    return f"{PRUNED_ADAPTER_DIR}_{index + 1}", f"prune_report_{index + 1}.json"
-
-
 def optimizer_steps(num_examples: int, training_args: TrainingArguments, epochs: float) -> int:
     """Optimizer steps a Trainer will take (AdaLoRA needs its budget schedule up front)."""
     if training_args.max_steps > 0:
         return training_args.max_steps
     batches = math.ceil(num_examples / (training_args.per_device_train_batch_size * training_args.world_size))
     return max(1, math.ceil(epochs * math.ceil(batches / training_args.gradient_accumulation_steps)))
-
-
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin")
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a `checkpoint-N` folder cannot be resumed (None if it can).
-
-    The Trainer writes trainer_state.json last, so a folder without a readable one was cut off while
-    saving. Weight and optimizer files are checked for truncation by their headers, which is cheap.
-    """
-    try:
-        json.loads(Path(path, "trainer_state.json").read_text())
-    except (OSError, ValueError) as error:
-        return f"no readable trainer_state.json ({type(error).__name__})"
-    weights = [Path(path, name) for name in WEIGHT_FILES if Path(path, name).is_file()]
-    if not weights:
-        return "no model weights"
-    for file in weights:
-        if file.suffix == ".safetensors":
-            try:
-                with safe_open(str(file), framework="pt"):
-                    pass
-            except Exception as error:  # safetensors raises its own error types for a damaged header
-                return f"{file.name} is damaged ({str(error).strip().splitlines()[0]})"
-    if not Path(path, "optimizer.pt").is_file() and not any(Path(path).glob("global_step*")):  # DeepSpeed's own layout
-        return "no optimizer.pt"
-    for file in sorted(f for f in Path(path).iterdir() if f.suffix in (".pt", ".pth", ".bin")):
-        try:  # torch.save writes zip archives; a cut-off one has no central directory
-            zipfile.ZipFile(file).close()
-        except (OSError, zipfile.BadZipFile) as error:
-            return f"{file.name} is damaged ({error})"
-    return None
-
-
-def find_resume_point(checkpoint: str | None, output_dir: str, stages: list[Stage]) -> tuple[int, str | None]:
-    """(index of the stage to start in, checkpoint to resume it from).
-
-    `checkpoint` is a path to a `checkpoint-N` folder inside a stage folder, or "latest": the newest
-    complete checkpoint of the latest stage that has one; incomplete ones (a run killed while saving)
-    are skipped with a message, and when all are incomplete the run starts from the beginning.
-    """
-    if checkpoint is None:
-        return 0, None
-    names = [stage.name for stage in stages]
-    if checkpoint == "latest":
-        skipped = False
-        for index in reversed(range(len(stages))):
-            found = sorted(
-                Path(output_dir, names[index]).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-            )
-            for path in reversed(found):
-                problem = checkpoint_problem(path)
-                if problem is None:
-                    return index, str(path)
-                print(f"skipping incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
-                skipped = True
-        if not skipped:
-            raise UsageError(f"no checkpoint to resume under {output_dir}")
-        print(f"no complete checkpoint under {output_dir}: training starts from the beginning", file=sys.stderr, flush=True)
-        return 0, None
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise UsageError(f"checkpoint not found: {checkpoint}")
-    if path.parent.name not in names:
-        raise UsageError(f"checkpoint {checkpoint} is not inside a stage folder ({', '.join(names)})")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise UsageError(f"checkpoint {checkpoint} cannot be resumed: {problem}; resume from an earlier checkpoint "
-                         "or pass --resume_from_checkpoint latest, which skips broken ones")
-    return names.index(path.parent.name), str(path)
 
 
 def _metrics(entry: dict) -> dict:

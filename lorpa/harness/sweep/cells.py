@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..outputs import write_json_atomic
+from ...checkpoints import write_json_atomic
 from ..results import RESULTS_FILE
 
 LOG_FILE = "train.log"
