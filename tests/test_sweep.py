@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,3 +258,61 @@ def test_parallel_cells_get_their_own_gpus_or_share_of_the_cores(monkeypatch):
     assert slot_environments(3, 1, gpus=0) == [{"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5"}] * 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own per-process choice wins
     assert slot_environments(4, 1, gpus=0)[0] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+
+
+def test_a_prune_at_the_end_cell_reuses_its_lora_twin_and_matches_training_stage1_itself(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    table = tmp_path / "late-table"
+    train = write_jsonl(tmp_path / "train.jsonl", glue_rows("sst2", 16, 0))
+    validation = write_jsonl(tmp_path / "validation.jsonl", glue_rows("sst2", 8, 1))
+    common = (f"model_name_or_path: {model_dir}\ntask_name: sst2\ntrain_file: {train}\nvalidation_file: {validation}\n"
+              "num_train_epochs: 2\nper_device_train_batch_size: 4\ndisable_tqdm: true\nlora_r: 8\nlora_alpha: 16\n")
+    for row, method in {"lora_r8": "method: lora\n",
+                        "late": "method: lorpa\nstage1_ratio: 1.0\nprune_target_rank: 2\nprune_score: svd\n",
+                        "early": "method: lorpa\nprune_target_rank: 2\nprune_score: svd\n"}.items():
+        (table / row).mkdir(parents=True)
+        (table / row / "sst2.yaml").write_text(common + method)
+    runs = tmp_path / "runs"
+    done = train_sh("--table", table, "--parallel", "2", "--seeds", "1", "--runs_dir", runs)
+    assert done.returncode == 0, done.stdout[-3000:]
+    # table order is early, late, lora_r8; late waits for its twin, so early and lora_r8 start first
+    starts = re.findall(r"^\[\d/3\] start (\w+)/", done.stdout, re.M)
+    assert starts == ["early", "lora_r8", "late"]
+    twin = runs / "lora_r8/sst2/seed1"
+    assert f"--stage1_adapter {twin}" in (runs / "late/sst2/seed1/train.log").read_text()
+    assert "--stage1_adapter" not in (runs / "early/sst2/seed1/train.log").read_text()
+    manifest = {cell["name"]: cell["stage1_from"] for cell in json.loads((runs / "sweep.json").read_text())["cells"]}
+    assert manifest == {"early/sst2/seed1": None, "late/sst2/seed1": "lora_r8/sst2/seed1", "lora_r8/sst2/seed1": None}
+
+    alone = tmp_path / "alone"  # the same cell, stage 1 trained here
+    solo = train_sh(table / "late/sst2.yaml", "--seed", "1", "--output_dir", alone)
+    assert solo.returncode == 0, solo.stderr[-3000:]
+    reused, trained = (json.loads(Path(folder, "results.json").read_text()) for folder in (runs / "late/sst2/seed1", alone))
+    assert reused["metrics"] == trained["metrics"]
+    assert [{k: prune[k] for k in ("before", "after", "mean_relative_error")} for prune in reused["prunes"]] == \
+        [{k: prune[k] for k in ("before", "after", "mean_relative_error")} for prune in trained["prunes"]]
+    weights = [load_file(str(Path(folder, "adapter_model.safetensors"))) for folder in (runs / "late/sst2/seed1", alone)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_only_cells_whose_stage1_is_a_lora_run_of_the_sweep_are_linked(tmp_path):
+    from lorpa.harness import launch
+
+    cells = launch.sweep_cells("minilm-study", [1, 2], ["all"], tmp_path, [])
+    linked = {cell.name: cell.stage1_from.relative_to(tmp_path).as_posix() for cell in cells if cell.stage1_from}
+    late_rows = ("magnitude_s100", "svd_s100", "svd_s100_global", "svd_s100_r2", "svd_s100_r4")
+    assert linked == {f"{row}/{task}/seed{seed}": f"lora_r64/{task}/seed{seed}"
+                      for row in late_rows for task in ("sst2", "stsb") for seed in (1, 2)}
+    # a flag that changes the prune for every cell, or a config that differs beyond the prune, links nothing
+    assert not any(cell.stage1_from for cell in launch.sweep_cells("minilm-study", [1], ["all"], tmp_path,
+                                                                   ["--stage1_ratio=0.5"]))
+    table = tmp_path / "table"
+    for row in ("lora_r64", "svd_s100"):
+        (table / row).mkdir(parents=True)
+        (table / row / "sst2.yaml").write_text((launch.TABLES["minilm-study"] / row / "sst2.yaml").read_text())
+    late = table / "svd_s100/sst2.yaml"
+    assert [c.name for c in launch.sweep_cells(str(table), [1], ["all"], tmp_path, []) if c.stage1_from] == ["svd_s100/sst2/seed1"]
+    late.write_text(late.read_text().replace("learning_rate: 1.0e-3", "learning_rate: 2.0e-3"))
+    assert not any(c.stage1_from for c in launch.sweep_cells(str(table), [1], ["all"], tmp_path, []))

@@ -30,6 +30,7 @@ from ..cli import UsageError, raise_usage_error, run_cli
 from ..tasks.demo_data import write_demo_glue
 from .sweep.cells import Cell, write_manifest
 from .sweep.local import run_cells, summary
+from .sweep.reuse import link_stage1_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs/demo.yaml"
@@ -42,6 +43,7 @@ TABLES = {
     "gsm8k-qwen": ROOT / "configs/clm/qwen2.5-3b",
     "minilm-study": ROOT / "configs/glue/minilm-study",  # the method study: one sub-folder per row
     "minilm-study-long": ROOT / "configs/glue/minilm-study-long",  # its rows at twice the budget
+    "minilm-study-screen": ROOT / "configs/glue/minilm-study-screen",  # which tasks tell ranks apart
 }
 METHOD_FOLDERS = {"all": ("", "*"), "lorpa": ("", "lorpa_r*"), "lora": ("lora_r*",)}
 CLM_KEYS = {"prompt_column", "response_column", "prompt_template", "use_chat_template", "generation_max_new_tokens"}
@@ -197,15 +199,17 @@ def table_cells(table: str, methods: list[str]):
 
 
 def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path, flags: list[str]) -> list[Cell]:
-    """Seed-major order, so that a first seed of the whole table finishes before the next starts."""
+    """Seed-major order, so that a first seed of the whole table finishes before the next starts; a
+    prune-at-the-end cell reuses its LoRA twin's run as stage 1 (sweep/reuse.py)."""
     configs = list(table_cells(table, methods))
     if not configs:
         raise UsageError(f"no configs for table {table} and methods {', '.join(methods)}")
-    for _, config in configs:
-        read_config(config)  # a broken config is refused before any cell starts
-    return [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
-                 flags + ["--seed", str(seed)])
-            for seed in seeds for name, config in configs]
+    values = {config: read_config(config) for _, config in configs}  # a broken config is refused before any cell starts
+    cells = [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
+                  flags + ["--seed", str(seed)])
+             for seed in seeds for name, config in configs]
+    link_stage1_runs(cells, values.__getitem__)
+    return cells
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -2,7 +2,8 @@
 
 The command is built when the cell starts, on the machine that runs it (a SLURM node sees other
 GPUs than the login node), and the cell's output folder decides how: a results.json means finished,
-a `checkpoint-*` below it means resume from the latest one, anything else means start afresh.
+a `checkpoint-*` below it means resume from the latest one, anything else means start afresh (from
+the finished run of its LoRA twin as stage 1, when it has one: `reuse.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Cell:
     config: Path
     output_dir: Path
     flags: list[str] = field(default_factory=list)
+    stage1_from: Path | None = None  # a LoRA cell's output folder whose run is this cell's stage 1 (sweep/reuse.py)
 
     @property
     def log(self) -> Path:
@@ -42,6 +44,9 @@ class Cell:
     def resumable(self) -> bool:
         return any(self.output_dir.glob("*/checkpoint-*"))
 
+    def stage1_ready(self) -> bool:
+        return self.stage1_from is not None and (self.stage1_from / RESULTS_FILE).is_file()
+
 
 def start_command(cell: Cell, nproc: int) -> list[str]:
     """The run command for the cell's current state: resume from its latest checkpoint, or start."""
@@ -52,6 +57,8 @@ def start_command(cell: Cell, nproc: int) -> list[str]:
         flags += ["--resume_from_checkpoint", "latest"]
     else:
         flags += ["--overwrite_output_dir", "true"]  # our own folder: at most a log and unfinished files
+        if cell.stage1_ready():
+            flags += ["--stage1_adapter", str(cell.stage1_from)]
     return command_for(cell.config, flags, nproc)
 
 
@@ -89,7 +96,8 @@ def start(cell: Cell, nproc: int, env: dict | None = None, echo: bool = False, c
 
 def write_manifest(runs_dir: Path, cells: list[Cell]) -> None:
     """The sweep's planned cells, so that `lorpa.report` can say which are not finished yet."""
-    entries = [{**asdict(cell), "config": str(cell.config), "output_dir": _relative(cell.output_dir, runs_dir)}
+    entries = [{**asdict(cell), "config": str(cell.config), "output_dir": _relative(cell.output_dir, runs_dir),
+                "stage1_from": None if cell.stage1_from is None else _relative(cell.stage1_from, runs_dir)}
                for cell in cells]
     write_json_atomic(runs_dir / MANIFEST_FILE, {"cells": entries})
 
@@ -104,4 +112,5 @@ def read_manifest(runs_dir: Path) -> list[Cell]:
     if not path.is_file():
         return []
     entries = json.loads(path.read_text())["cells"]
-    return [Cell(e["name"], Path(e["config"]), runs_dir / e["output_dir"], e.get("flags", [])) for e in entries]
+    return [Cell(e["name"], Path(e["config"]), runs_dir / e["output_dir"], e.get("flags", []),
+                 None if e.get("stage1_from") is None else runs_dir / e["stage1_from"]) for e in entries]

@@ -2,7 +2,8 @@
 
 Parallel cells never share a device: with GPUs each cell gets its own (`nproc` of them for DDP
 cells) through CUDA_VISIBLE_DEVICES; on CPU each gets its share of the cores through
-OMP_NUM_THREADS. A failing cell does not stop the others; the sweep ends with one summary.
+OMP_NUM_THREADS. A failing cell does not stop the others; the sweep ends with one summary. A cell
+that reuses another's run as its stage 1 waits for it, while the other cells go on.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class Progress:
         return f"[{self.position[cell.name]}/{self.total}] {event} (elapsed {elapsed}, {self.left(waiting, running)})"
 
 
+def next_cell(waiting: deque, running: list[Cell]) -> Cell | None:
+    """The first waiting cell that waits for no other: a cell whose stage 1 another cell of the sweep
+    trains starts after it, so that it can reuse the run (the LoRA twins come first in table order)."""
+    pending = {cell.output_dir for cell in [*waiting, *running]}
+    return next((cell for cell in waiting if cell.stage1_from not in pending), None)
+
+
 def run_cells(cells: list[Cell], *, parallel: int, nproc: int, gpus: int, cwd: Path | None = None) -> SweepOutcome:
     """Run every unfinished cell, `parallel` at a time; skipped, finished and failed cells are returned."""
     slots = slot_environments(parallel, nproc, gpus)
@@ -87,8 +95,9 @@ def run_cells(cells: list[Cell], *, parallel: int, nproc: int, gpus: int, cwd: P
     try:
         while waiting or running:
             for slot in range(parallel):
-                if slot not in running and waiting:
-                    cell = waiting.popleft()
+                cell = next_cell(waiting, [cell for cell, *_ in running.values()]) if slot not in running else None
+                if cell is not None:
+                    waiting.remove(cell)
                     process, thread = start(cell, nproc, env={**os.environ, **slots[slot]}, echo=parallel == 1, cwd=cwd)
                     running[slot] = (cell, process, thread, time.monotonic())
                     print(progress.line(cell, f"start {cell.name}, log {cell.log}", len(waiting), len(running)),
