@@ -305,6 +305,9 @@ def test_only_cells_whose_stage1_is_a_lora_run_of_the_sweep_are_linked(tmp_path)
     late_rows = ("magnitude_s100", "svd_s100", "svd_s100_global", "svd_s100_r2", "svd_s100_r4")
     assert linked == {f"{row}/{task}/seed{seed}": f"lora_r64/{task}/seed{seed}"
                       for row in late_rows for task in ("sst2", "stsb") for seed in (1, 2)}
+    only_late = launch.sweep_cells("minilm-study", [1], ["svd_s100"], tmp_path, [])  # its twin ran in another sweep
+    assert [cell.stage1_from.relative_to(tmp_path).as_posix() for cell in only_late] == ["lora_r64/sst2/seed1",
+                                                                                        "lora_r64/stsb/seed1"]
     # a flag that changes the prune for every cell, or a config that differs beyond the prune, links nothing
     assert not any(cell.stage1_from for cell in launch.sweep_cells("minilm-study", [1], ["all"], tmp_path,
                                                                    ["--stage1_ratio=0.5"]))

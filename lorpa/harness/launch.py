@@ -18,6 +18,7 @@ table at the end. `--parallel N` runs N cells at once, each on its own GPU(s) or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import subprocess
@@ -205,11 +206,17 @@ def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path
     if not configs:
         raise UsageError(f"no configs for table {table} and methods {', '.join(methods)}")
     values = {config: read_config(config) for _, config in configs}  # a broken config is refused before any cell starts
-    cells = [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
-                  flags + ["--seed", str(seed)])
-             for seed in seeds for name, config in configs]
-    link_stage1_runs(cells, values.__getitem__)
-    return cells
+    twins = []  # LoRA rows left out by --methods: an earlier sweep may have finished them
+    for name, config in table_cells(table, ["lora"]):
+        if config not in values:
+            with contextlib.suppress(UsageError):  # a broken row that is not run cannot be a twin
+                values[config] = read_config(config)
+                twins.append((name, config))
+    cells = {config: [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
+                           flags + ["--seed", str(seed)]) for seed in seeds]
+             for name, config in configs + twins}
+    link_stage1_runs([cell for row in cells.values() for cell in row], values.__getitem__)
+    return [cells[config][index] for index in range(len(seeds)) for _, config in configs]
 
 
 def parse_seeds(text: str) -> list[int]:
