@@ -13,10 +13,14 @@ is timed as well. Every comparison checks that the kept components agree with
 `lorpa.prune(score="elementwise")`: they must, except on exact score ties, where the authors' unstable
 argsort may keep other indices (reported, never hidden).
 
+The singular-basis prune (`score="svd"`) is timed against peft's `convert_to_lora`, the SVD truncation
+a peft user would run on a trained adapter: it forms each out x in update and takes its full SVD,
+where `lorpa.prune` works on the r0-sized factors. Both must keep the same update (checked).
+
 The adapters sit on linear layers whose frozen weights are zero-stride views of one element (pruning
 never reads them), so the LLaMA shape needs no 26 GB backbone; the adapters alone hold about 2.5 GB.
 
-    python benchmarks/prune_speed.py [--repeats 5] [--shapes roberta-large llama-7b]
+    python benchmarks/prune_speed.py [--repeats 5] [--shapes roberta-large llama-7b] [--svd_repeats 3]
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import argparse
 import copy
 import statistics
 import time
+import warnings
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, convert_to_lora, get_peft_model
 from torch import nn
 
 import lorpa
@@ -127,16 +132,48 @@ def compare(title: str, model, repeats: int, extra: dict | None = None) -> None:
           f"({ties} modules have an exact score tie at the cut)")
 
 
+def peft_svd(model) -> dict[str, torch.Tensor]:
+    """peft's conversion to a rank-TARGET LoRA; its scaling is 1, so each update is B @ A."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft notes that converting a LoRA adapter to LoRA is unusual
+        _, state = convert_to_lora(model, rank=TARGET)
+    return {name: state[f"base_model.model.{name}.lora_B.weight"] @ state[f"base_model.model.{name}.lora_A.weight"]
+            for name in lorpa.lora_layers(model)}
+
+
+def lorpa_svd(model) -> dict[str, torch.Tensor]:
+    lorpa.prune(model, target_rank=TARGET, score="svd")
+    return {name: layer.get_delta_weight("default").detach() for name, layer in lorpa.lora_layers(model).items()}
+
+
+def compare_svd(title: str, model, repeats: int) -> None:
+    medians, deltas = time_variants(model, {"peft convert_to_lora": peft_svd, "lorpa.prune svd": lorpa_svd}, repeats)
+    ours, theirs = deltas["lorpa.prune svd"], deltas["peft convert_to_lora"]
+    worst = max(float(torch.linalg.norm(ours[n] - theirs[n]) / torch.linalg.norm(theirs[n])) for n in ours)
+    print(f"\n{title}: {len(ours)} modules, r0={R0} -> {TARGET}, singular basis")
+    reference = medians["peft convert_to_lora"]
+    for name, seconds in medians.items():
+        speed = "" if name == "peft convert_to_lora" else f"  {reference / seconds:6.1f}x (peft's time / this)"
+        print(f"  {name:<28}{seconds * 1000:9.1f} ms{speed}")
+    print(f"  kept update equal to peft's: largest relative difference {worst:.1e} over the modules")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="more threads only add contention on these small ops")
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    parser.add_argument("--svd_repeats", type=int, default=3,
+                        help="repeats of the svd comparison (RoBERTa-large shape only: peft's dense SVDs of the "
+                             "LLaMA-7B shape take many minutes); 0 skips it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads={args.threads}, median of {args.repeats} interleaved repeats, fp32 adapters with random A and B")
     if "roberta-large" in args.shapes:
-        compare("RoBERTa-large shape, query/value", build("roberta-large", ["query", "value"]), args.repeats)
+        roberta = build("roberta-large", ["query", "value"])
+        compare("RoBERTa-large shape, query/value", roberta, args.repeats)
+        if args.svd_repeats:
+            compare_svd("RoBERTa-large shape, query/value", roberta, args.svd_repeats)
     if "llama-7b" in args.shapes:
         square = ["q_proj", "k_proj", "v_proj", "o_proj"]
         compare("LLaMA-7B shape, square attention modules q/k/v/o", build("llama-7b", square), args.repeats)

@@ -1,11 +1,12 @@
 """The scores beyond the paper: singular-basis pruning, tracked sensitivity, and the relative error."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 from conftest import tiny_bart, tiny_roberta, with_lora
-from peft import PeftModel
+from peft import PeftModel, convert_to_lora
 
 import lorpa
 from lorpa.layers import factors
@@ -41,6 +42,21 @@ def test_svd_keeps_the_truncated_svd_of_every_update(split):
                                    singular_values[:12], rtol=1e-4, atol=1e-6)
         assert scaling == pytest.approx(2.0)  # alpha/r kept
         assert report.modules[name].relative_error == pytest.approx(relative(after[name], delta), rel=1e-6)
+
+
+def test_svd_at_the_end_keeps_what_peft_convert_to_lora_keeps():
+    """peft's own SVD truncation of an adapter (no retraining) is the competitor of a prune at the end:
+    the same update per module, computed here without forming the out x in matrix."""
+    model = with_lora(tiny_bart(), r=12, task_type="SEQ_2_SEQ_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that converting a LoRA adapter to LoRA is unusual
+        peft_config, peft_state = convert_to_lora(model, rank=5)
+    assert peft_config.lora_alpha == peft_config.r == 5  # its scaling is 1
+    lorpa.prune(model, target_rank=5, score="svd")
+    for name, delta in dense_deltas(model).items():
+        key = f"base_model.model.{name}"
+        peft_delta = peft_state[f"{key}.lora_B.weight"].double() @ peft_state[f"{key}.lora_A.weight"].double()
+        assert relative(delta, peft_delta) < 1e-5
 
 
 def test_svd_splits_put_the_singular_values_where_they_say():
