@@ -29,7 +29,7 @@ def trains_a_lora_stage1(values: dict) -> bool:
     """Whether a config's stage 1 is a plain LoRA run: the whole budget at r0, with nothing recorded
     during it for the prune (the init snapshot of rewind=init, the tracked sensitivity)."""
     values = {**METHOD_DEFAULTS, **values}
-    return (values["method"] == "lorpa" and float(values["stage1_ratio"]) == 1.0 and values["prune_schedule"] is None
+    return (values["method"] == "lorpa" and values["stage1_ratio"] == 1 and values["prune_schedule"] is None
             and values["stage1_adapter"] is None and values["rewind"] != "init" and values["prune_score"] != "sensitivity")
 
 
