@@ -201,6 +201,28 @@ def test_slurm_launcher_writes_one_array_job_with_the_options(tmp_path):
     assert len(manifest) == 64 and manifest[1]["flags"] == ["--max_train_samples", "64", "--seed", "1"]
 
 
+def test_slurm_runs_a_cell_that_reuses_its_twin_as_a_job_after_the_twin_s_task(tmp_path):
+    pytest.importorskip("submitit")
+    bin_dir, sbatch_files = tmp_path / "bin", tmp_path / "sbatch"
+    bin_dir.mkdir()
+    sbatch_files.mkdir()
+    (bin_dir / "sbatch").write_text('#!/usr/bin/env bash\nn=$(ls "$SBATCH_DIR" | wc -l)\n'
+                                    'cp "${@: -1}" "$SBATCH_DIR/$n.sh"\necho "Submitted batch job $((4242 + n))"\n')
+    (bin_dir / "srun").write_text("#!/usr/bin/env bash\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    done = train_sh("--table", "minilm-study", "--methods", "lora_r64,svd_s100,magnitude", "--seeds", "1",
+                    "--launcher", "slurm", "--slurm_sbatch", "account=myproject", "--runs_dir", tmp_path / "runs",
+                    env_extra={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_DIR": str(sbatch_files)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "submitted 4 cells as array job 4242 and 2 as jobs that start when their LoRA twin's task ends" in done.stdout
+    array, *after_twin = [(sbatch_files / f"{n}.sh").read_text().splitlines() for n in range(3)]
+    assert "#SBATCH --array=0-3%4" in array and not any("--dependency" in line for line in array)
+    for lines, twin_task in zip(after_twin, ("4242_0", "4242_1")):  # the array's tasks 0, 1: lora_r64 sst2, stsb
+        assert f"#SBATCH --dependency=afterany:{twin_task}" in lines and "#SBATCH --account=myproject" in lines
+        assert not any(line.startswith("#SBATCH --array") for line in lines)
+
+
 def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
     pytest.importorskip("submitit")
     done = train_sh("--table", "glue-base", "--seeds", "1", "--launcher", "slurm", "--runs_dir", tmp_path,
@@ -260,19 +282,26 @@ def test_parallel_cells_get_their_own_gpus_or_share_of_the_cores(monkeypatch):
     assert slot_environments(4, 1, gpus=0)[0] == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
 
 
-def test_a_prune_at_the_end_cell_reuses_its_lora_twin_and_matches_training_stage1_itself(model_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    table = tmp_path / "late-table"
-    train = write_jsonl(tmp_path / "train.jsonl", glue_rows("sst2", 16, 0))
-    validation = write_jsonl(tmp_path / "validation.jsonl", glue_rows("sst2", 8, 1))
+def write_late_table(root: Path, model_dir: Path) -> Path:
+    """LoRA r=8, and two LoRPA rows from r0=8: pruned after the whole budget (whose stage 1 is the LoRA
+    run) and after 20% of it."""
+    root.mkdir(parents=True)
+    train = write_jsonl(root / "train.jsonl", glue_rows("sst2", 16, 0))
+    validation = write_jsonl(root / "validation.jsonl", glue_rows("sst2", 8, 1))
     common = (f"model_name_or_path: {model_dir}\ntask_name: sst2\ntrain_file: {train}\nvalidation_file: {validation}\n"
               "num_train_epochs: 2\nper_device_train_batch_size: 4\ndisable_tqdm: true\nlora_r: 8\nlora_alpha: 16\n")
     for row, method in {"lora_r8": "method: lora\n",
                         "late": "method: lorpa\nstage1_ratio: 1.0\nprune_target_rank: 2\nprune_score: svd\n",
                         "early": "method: lorpa\nprune_target_rank: 2\nprune_score: svd\n"}.items():
-        (table / row).mkdir(parents=True)
-        (table / row / "sst2.yaml").write_text(common + method)
+        (root / row).mkdir(parents=True)
+        (root / row / "sst2.yaml").write_text(common + method)
+    return root
+
+
+def test_a_prune_at_the_end_cell_reuses_its_lora_twin_and_matches_training_stage1_itself(model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    table = write_late_table(tmp_path / "late-table", model_dir)
     runs = tmp_path / "runs"
     done = train_sh("--table", table, "--parallel", "2", "--seeds", "1", "--runs_dir", runs)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -295,6 +324,18 @@ def test_a_prune_at_the_end_cell_reuses_its_lora_twin_and_matches_training_stage
     weights = [load_file(str(Path(folder, "adapter_model.safetensors"))) for folder in (runs / "late/sst2/seed1", alone)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_submitit_local_runs_the_reusing_cell_after_its_twin(model_dir, tmp_path):
+    pytest.importorskip("submitit")
+    table = write_late_table(tmp_path / "late-table", model_dir)
+    runs = tmp_path / "runs"
+    done = train_sh("--table", table, "--methods", "late,lora_r8", "--seeds", "1", "--launcher", "submitit-local",
+                    "--runs_dir", runs)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    twin = runs / "lora_r8/sst2/seed1"
+    assert f"--stage1_adapter {twin}" in (runs / "late/sst2/seed1/train.log").read_text()
+    assert run_interval(twin / "train.log")[1] <= run_interval(runs / "late/sst2/seed1/train.log")[0]
 
 
 def test_only_cells_whose_stage1_is_a_lora_run_of_the_sweep_are_linked(tmp_path):

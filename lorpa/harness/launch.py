@@ -245,8 +245,10 @@ def submit_slurm(cells: list[Cell], runs_dir: Path, args: argparse.Namespace) ->
         print("every cell is finished")
         report(runs_dir)
         return
-    print(f"submitted {len(jobs)} cells as array job {jobs[0].job_id.split('_')[0]}; task logs in "
-          f"{runs_dir / slurm.SUBMITIT_FOLDER}, cell logs in each cell's train.log")
+    after_twin = sum(cell.stage1_from in {other.output_dir for other in todo} for cell in todo)
+    print(f"submitted {len(jobs) - after_twin} cells as array job {jobs[0].job_id.split('_')[0]}"
+          + (f" and {after_twin} as jobs that start when their LoRA twin's task ends" if after_twin else "")
+          + f"; task logs in {runs_dir / slurm.SUBMITIT_FOLDER}, cell logs in each cell's train.log")
     if not local:
         print(f"progress: python -m lorpa.report {runs_dir}")
         return

@@ -122,7 +122,12 @@ class CellJob:
 
 
 def submit(cells: list[Cell], runs_dir: Path, options: SlurmOptions, *, nproc: int | None, cluster: str = "slurm"):
-    """One array job for the unfinished cells; returns (jobs, their cells) — none if all are finished."""
+    """One array job for the unfinished cells; returns (jobs, their cells) — none if all are finished.
+
+    A cell that reuses its LoRA twin's run as stage 1 (sweep/reuse.py), with the twin in the array, is a
+    job of its own that SLURM starts once the twin's task has ended (`afterany`: if the twin failed,
+    the cell trains stage 1 itself). submitit's local executor has no dependencies: it waits here.
+    """
     todo = [cell for cell in cells if not cell.finished()]
     for cell in cells:
         if cell.finished():
@@ -130,9 +135,20 @@ def submit(cells: list[Cell], runs_dir: Path, options: SlurmOptions, *, nproc: i
     if not todo:
         return [], []
     executor = executor_for(runs_dir / SUBMITIT_FOLDER, options, f"lorpa-{runs_dir.name}", cluster)
+    in_array = {cell.output_dir for cell in todo}
+    first = [cell for cell in todo if cell.stage1_from not in in_array]
+    after_twin = [cell for cell in todo if cell.stage1_from in in_array]
     with executor.batch():
-        jobs = [executor.submit(CellJob(cell, nproc)) for cell in todo]
-    return jobs, todo
+        jobs = [executor.submit(CellJob(cell, nproc)) for cell in first]
+    job_of = {cell.output_dir: job for cell, job in zip(first, jobs)}
+    for cell in after_twin:
+        twin = job_of[cell.stage1_from]
+        if cluster == "local":
+            twin.wait()
+        executor.update_parameters(slurm_additional_parameters={**sbatch_parameters(options.sbatch),
+                                                                "dependency": f"afterany:{twin.job_id}"})
+        jobs.append(executor.submit(CellJob(cell, nproc)))
+    return jobs, first + after_twin
 
 
 def wait(jobs, cells: list[Cell]) -> list[tuple[Cell, str]]:
