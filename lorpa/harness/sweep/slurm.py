@@ -1,4 +1,5 @@
-"""A sweep as one SLURM array job, through `submitit` (install the `slurm` extra).
+"""A sweep as one SLURM array job, through `submitit` (install the `slurm` extra), and a job for each
+cell that waits for its LoRA twin's task (`reuse.py`).
 
 Each array task runs one cell. On preemption or near its time limit SLURM signals the task;
 submitit then calls `CellJob.checkpoint`, which stops the training process and requeues the same
