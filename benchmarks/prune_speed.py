@@ -107,6 +107,17 @@ def lorpa_kept(score: str):
     return lambda m: {n: p.kept for n, p in lorpa.prune(m, target_rank=TARGET, score=score).modules.items()}
 
 
+def without_error_measure(m):
+    """lorpa.prune magnitude with the report's relative_error (two r0 x r0 Gram matrices per module,
+    which the authors' code does not compute) replaced by 0: what choosing and cutting alone cost."""
+    measure = lorpa.pruning.relative_error
+    lorpa.pruning.relative_error = lambda before, after: 0.0
+    try:
+        return lorpa_kept("magnitude")(m)
+    finally:
+        lorpa.pruning.relative_error = measure
+
+
 def tied_modules(model) -> int:
     """Modules whose elementwise score has an exact tie at the pruning boundary."""
     count = 0
@@ -118,6 +129,7 @@ def tied_modules(model) -> int:
 
 def compare(title: str, model, repeats: int, extra: dict | None = None) -> None:
     variants = {"lorpa.prune magnitude": lorpa_kept("magnitude"), "lorpa.prune elementwise": lorpa_kept("elementwise"),
+                "lorpa.prune magnitude, no relative_error": without_error_measure,
                 "authors' prune()": lambda m: authors_prune(m, TARGET), **(extra or {})}
     medians, kept = time_variants(model, variants, repeats)
     modules = len(kept["authors' prune()"])
@@ -127,7 +139,7 @@ def compare(title: str, model, repeats: int, extra: dict | None = None) -> None:
     reference = medians["authors' prune()"]
     for name, seconds in medians.items():
         speed = "" if name == "authors' prune()" else f"  {reference / seconds:6.1f}x (authors' time / this)"
-        print(f"  {name:<28}{seconds * 1000:9.1f} ms{speed}")
+        print(f"  {name:<42}{seconds * 1000:9.1f} ms{speed}")
     print(f"  kept components equal to lorpa.prune elementwise in {modules - len(differ)}/{modules} modules "
           f"({ties} modules have an exact score tie at the cut)")
 
@@ -154,7 +166,7 @@ def compare_svd(title: str, model, repeats: int) -> None:
     reference = medians["peft convert_to_lora"]
     for name, seconds in medians.items():
         speed = "" if name == "peft convert_to_lora" else f"  {reference / seconds:6.1f}x (peft's time / this)"
-        print(f"  {name:<28}{seconds * 1000:9.1f} ms{speed}")
+        print(f"  {name:<42}{seconds * 1000:9.1f} ms{speed}")
     print(f"  kept update equal to peft's: largest relative difference {worst:.1e} over the modules")
 
 

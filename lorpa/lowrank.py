@@ -39,24 +39,20 @@ def singular_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, split: str = "b
     return new_A.to(lora_A.dtype), new_B.to(lora_B.dtype), sigma.float()
 
 
-def frobenius_norm(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0) -> float:
-    """‖s·B·A‖_F from trace((BᵀB)(AAᵀ)), two r × r Gram matrices."""
-    A, B = lora_A.detach().double(), lora_B.detach().double()
-    squared = torch.sum((B.t() @ B) * (A @ A.t())).clamp_min(0)
-    return abs(scale) * float(squared.sqrt())
-
-
 def relative_error(before: tuple, after: tuple) -> float:
     """‖ΔW_before − ΔW_after‖_F / ‖ΔW_before‖_F for (A, B, scale) triples, scaling included.
 
-    The difference is itself a factored product: [B_before, B_after]·[s_b·A_before; −s_a·A_after].
+    ‖s₀B₀A₀ − s₁B₁A₁‖² = s₀²⟨B₀ᵀB₀, A₀A₀ᵀ⟩ − 2s₀s₁⟨B₀ᵀB₁, A₀A₁ᵀ⟩ + s₁²⟨B₁ᵀB₁, A₁A₁ᵀ⟩: the r₀ × r₀ Gram
+    matrices of the update before, which its norm needs anyway, are the only costly part.
     An update that was zero before (untrained B) has error 0 if it stays zero, else infinity.
     """
     (a0, b0, s0), (a1, b1, s1) = before, after
-    a1 = a1.to(device=a0.device)
-    b1 = b1.to(device=b0.device)
-    norm = frobenius_norm(a0, b0, s0)
-    difference = frobenius_norm(torch.cat([s0 * a0.double(), -s1 * a1.double()]), torch.cat([b0.double(), b1.double()], dim=1))
+    A0, B0 = a0.detach().double(), b0.detach().double()
+    A1, B1 = a1.detach().to(device=a0.device, dtype=torch.float64), b1.detach().to(device=b0.device, dtype=torch.float64)
+    squared_norm = s0 * s0 * torch.sum((B0.t() @ B0) * (A0 @ A0.t()))
+    cross = s0 * s1 * torch.sum((B0.t() @ B1) * (A0 @ A1.t()))
+    kept = s1 * s1 * torch.sum((B1.t() @ B1) * (A1 @ A1.t()))
+    norm, difference = float(squared_norm.clamp_min(0).sqrt()), float((squared_norm - 2 * cross + kept).clamp_min(0).sqrt())
     if norm == 0:
         return 0.0 if difference == 0 else math.inf
     return difference / norm
