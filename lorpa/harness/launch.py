@@ -31,7 +31,7 @@ from ..cli import UsageError, raise_usage_error, run_cli
 from ..tasks.demo_data import write_demo_glue
 from .sweep.cells import Cell, write_manifest
 from .sweep.local import run_cells, summary
-from .sweep.reuse import link_stage1_runs
+from .sweep.reuse import AFTER_STAGE1_KEYS, link_stage1_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs/demo.yaml"
@@ -215,7 +215,8 @@ def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path
     cells = {config: [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
                            flags + ["--seed", str(seed)]) for seed in seeds]
              for name, config in configs + twins}
-    link_stage1_runs([cell for row in cells.values() for cell in row], values.__getitem__)
+    if not any(has_flag(flags, f"--{key}") for key in AFTER_STAGE1_KEYS):  # a flag that changes the prune links nothing
+        link_stage1_runs([cell for row in cells.values() for cell in row], values.__getitem__)
     return [cells[config][index] for index in range(len(seeds)) for _, config in configs]
 
 
@@ -245,7 +246,7 @@ def submit_slurm(cells: list[Cell], runs_dir: Path, args: argparse.Namespace) ->
         print("every cell is finished")
         report(runs_dir)
         return
-    after_twin = sum(cell.stage1_from in {other.output_dir for other in todo} for cell in todo)
+    after_twin = len(slurm.waiting_for_twin(todo))
     print(f"submitted {len(jobs) - after_twin} cells as array job {jobs[0].job_id.split('_')[0]}"
           + (f" and {after_twin} as jobs that start when their LoRA twin's task ends" if after_twin else "")
           + f"; task logs in {runs_dir / slurm.SUBMITIT_FOLDER}, cell logs in each cell's train.log")

@@ -33,13 +33,9 @@ def trains_a_lora_stage1(values: dict) -> bool:
             and values["stage1_adapter"] is None and values["rewind"] != "init" and values["prune_score"] != "sensitivity")
 
 
-def _sets_any(flags: list[str], keys) -> bool:
-    return any(flag == f"--{key}" or flag.startswith(f"--{key}=") for flag in flags for key in keys)
-
-
 def link_stage1_runs(cells: list[Cell], values_of: Callable[[Path], dict]) -> None:
     """Set `stage1_from` of every cell whose stage 1 a LoRA cell of the sweep trains: same config apart
-    from the keys above, same flags (the seed included). Flags that change the prune leave cells alone."""
+    from the keys above, same flags (the seed included)."""
 
     def shared(cell: Cell) -> str:
         values = {key: value for key, value in values_of(cell.config).items() if key not in AFTER_STAGE1_KEYS}
@@ -47,7 +43,7 @@ def link_stage1_runs(cells: list[Cell], values_of: Callable[[Path], dict]) -> No
 
     lora_runs = {shared(cell): cell for cell in cells if values_of(cell.config).get("method") == "lora"}
     for cell in cells:
-        if trains_a_lora_stage1(values_of(cell.config)) and not _sets_any(cell.flags, AFTER_STAGE1_KEYS):
+        if trains_a_lora_stage1(values_of(cell.config)):
             twin = lora_runs.get(shared(cell))
             if twin is not None:
                 cell.stage1_from = twin.output_dir

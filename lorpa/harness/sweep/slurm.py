@@ -122,6 +122,12 @@ class CellJob:
         return {"cell": self.cell, "nproc": self.nproc, "_process": None}
 
 
+def waiting_for_twin(todo: list[Cell]) -> list[Cell]:
+    """The cells whose LoRA twin is among `todo`: they start after it."""
+    pending = {cell.output_dir for cell in todo}
+    return [cell for cell in todo if cell.stage1_from in pending]
+
+
 def submit(cells: list[Cell], runs_dir: Path, options: SlurmOptions, *, nproc: int | None, cluster: str = "slurm"):
     """One array job for the unfinished cells; returns (jobs, their cells) — none if all are finished.
 
@@ -136,9 +142,8 @@ def submit(cells: list[Cell], runs_dir: Path, options: SlurmOptions, *, nproc: i
     if not todo:
         return [], []
     executor = executor_for(runs_dir / SUBMITIT_FOLDER, options, f"lorpa-{runs_dir.name}", cluster)
-    in_array = {cell.output_dir for cell in todo}
-    first = [cell for cell in todo if cell.stage1_from not in in_array]
-    after_twin = [cell for cell in todo if cell.stage1_from in in_array]
+    after_twin = waiting_for_twin(todo)
+    first = [cell for cell in todo if cell not in after_twin]
     with executor.batch():
         jobs = [executor.submit(CellJob(cell, nproc)) for cell in first]
     job_of = {cell.output_dir: job for cell, job in zip(first, jobs)}
