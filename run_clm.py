@@ -39,6 +39,8 @@ from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.tasks.summarization import write_summaries
 from lorpa.harness.training import train_stages
 
+ARGUMENTS = (ModelArguments, ClmDataArguments, ClmModelArguments, MethodArguments, TrainingArguments)
+
 MAIN_METRIC = "accuracy"  # final-number exact match of the generated answers
 PREDICTIONS_FILE = "generated_predictions.txt"
 
@@ -53,7 +55,7 @@ def check_length(config, args: ClmDataArguments) -> None:
 
 def main(argv=None):
     model_args, data_args, clm_args, method_args, training_args, config_path = parse_args(
-        (ModelArguments, ClmDataArguments, ClmModelArguments, MethodArguments, TrainingArguments),
+        ARGUMENTS,
         argv,
         description=__doc__.splitlines()[0],
         defaults=TRAINING_DEFAULTS,

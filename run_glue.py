@@ -42,6 +42,8 @@ from lorpa.harness.outputs import check_run_arguments
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.harness.training import train_stages
 
+ARGUMENTS = (ModelArguments, GlueDataArguments, MethodArguments, TrainingArguments)
+
 
 def write_predictions(trainer: Trainer, dataset, task, output_dir: str) -> None:
     """GLUE-submission style `predict_results.txt`: index and predicted label (or score)."""
@@ -55,7 +57,7 @@ def write_predictions(trainer: Trainer, dataset, task, output_dir: str) -> None:
 
 def main(argv=None):
     model_args, data_args, method_args, training_args, config_path = parse_args(
-        (ModelArguments, GlueDataArguments, MethodArguments, TrainingArguments),
+        ARGUMENTS,
         argv,
         description=__doc__.splitlines()[0],
         defaults=TRAINING_DEFAULTS,

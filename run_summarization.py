@@ -36,6 +36,8 @@ from lorpa.tasks.summarization import (
 )
 from lorpa.harness.training import train_stages
 
+ARGUMENTS = (ModelArguments, SummarizationDataArguments, MethodArguments, Seq2SeqTrainingArguments)
+
 # rouge2 picks the best epoch: bigram overlap rewards fluent, on-content phrasing, while rouge1 also
 # rewards scattered topic words and rougeL moves almost in step with rouge1.
 MAIN_METRIC = "rouge2"
@@ -54,7 +56,7 @@ def write_test_predictions(trainer, dataset, tokenizer, output_dir: str) -> None
 
 def main(argv=None):
     model_args, data_args, method_args, training_args, config_path = parse_args(
-        (ModelArguments, SummarizationDataArguments, MethodArguments, Seq2SeqTrainingArguments),
+        ARGUMENTS,
         argv,
         description=__doc__.splitlines()[0],
         defaults={**TRAINING_DEFAULTS, "predict_with_generate": True},

@@ -1,5 +1,6 @@
 """LoRPA: Lottery Rank-Pruning Adaptation on top of peft LoRA."""
 
+from .calibration import calibrate
 from .layers import lora_layers
 from .pruning import ModulePruning, PruneReport, check_prune_arguments, prune
 from .rewind import get_peft_model, init_state_dict, load_init_state_dict, record_init
@@ -12,6 +13,7 @@ __all__ = [
     "ModulePruning",
     "PruneReport",
     "TwoStageResult",
+    "calibrate",
     "check_prune_arguments",
     "get_peft_model",
     "init_state_dict",

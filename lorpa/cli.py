@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from .distributed import leave_process_group
+
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, never as a traceback."""
@@ -50,14 +52,8 @@ def _help_group(dtype):
     return type(dtype.__name__, (dtype,), {"_argument_group_name": title})
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None, defaults=None):
-    """Parse dataclass arguments where `--config FILE.yaml` supplies defaults and flags override them.
-
-    Every YAML key must be a flag of the script; an unknown key is an error that names it.
-    `defaults` replaces dataclass defaults (YAML and flags still override them).
-    In --help, `--config` comes first, then the project's flag groups, then the Trainer's.
-    Returns one instance per dataclass type, then the config path (or None).
-    """
+def build_parser(dataclass_types, description: str | None = None, defaults=None) -> HfArgumentParser:
+    """The parser of a run script: `--config` first in --help, then the project's flag groups, then the Trainer's."""
     in_help_order = sorted(dataclass_types, key=lambda t: (t.__module__.startswith("transformers"),
                                                            not getattr(t, "_help_first", False)))
     parser = HfArgumentParser(
@@ -67,6 +63,17 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     parser.error = raise_usage_error  # argparse would print the whole (very long) usage first
     parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of flag values; flags given here override it")
     parser.set_defaults(**(defaults or {}))
+    return parser
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None, defaults=None):
+    """Parse dataclass arguments where `--config FILE.yaml` supplies defaults and flags override them.
+
+    Every YAML key must be a flag of the script; an unknown key is an error that names it.
+    `defaults` replaces dataclass defaults (YAML and flags still override them).
+    Returns one instance per dataclass type, then the config path (or None).
+    """
+    parser = build_parser(dataclass_types, description, defaults)
     # A config file can supply any flag, so nothing is required on the command line; checked below instead.
     required = [action for action in parser._actions if action.required]
     for action in required:
@@ -110,14 +117,5 @@ def run_cli(main, argv: list[str] | None = None) -> int:
     except (UsageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _leave_process_group()
+    leave_process_group()  # a replica that exits inside its group can abort after its results are written
     return 0
-
-
-def _leave_process_group() -> None:
-    """A torchrun replica that exits inside its process group can abort at teardown (a gloo thread
-    still joinable), failing a run whose results are already written. Only after success: leaving
-    while a failed peer is mid-collective can hang."""
-    distributed = sys.modules.get("torch.distributed")  # never imports torch for commands that don't use it
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()

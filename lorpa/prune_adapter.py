@@ -27,7 +27,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 
 from .cli import UsageError, raise_usage_error, run_cli
-from .lowrank import SVD_SPLITS, relative_error, singular_factors
+from .lowrank import SVD_SPLITS, kept_error, weight_gram
 from .pruning import (
     SCOPES,
     ModulePruning,
@@ -40,7 +40,7 @@ from .pruning import (
     check_module_shapes,
     check_prune_options,
 )
-from .scoring import elementwise_scores, magnitude_scores, random_scores
+from .scoring import GLOBAL_NORMS, elementwise_scores, magnitude_scores, random_scores, rotate
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -124,10 +124,10 @@ def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 
 def module_scores(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, score: str, seed: int | None,
-                  scale: float = 1.0) -> torch.Tensor:
+                  scale: float = 1.0, global_norm: str = "absolute") -> torch.Tensor:
     """One module's component scores, computed exactly as `lorpa.prune` computes them (float32, CPU)."""
     if score == "svd":
-        return abs(scale) * singular_factors(lora_A, lora_B)[2].cpu()
+        return rotate("svd", lora_A, lora_B, scale, None).ranking(global_norm)
     if score == "random":
         return random_scores(lora_A.shape[0], 0 if seed is None else seed, name).float()
     scorer = elementwise_scores if score == "elementwise" else magnitude_scores
@@ -203,10 +203,11 @@ def adapted_modules(weights: WeightsFile, config: dict) -> dict[str, AdaptedModu
 
 
 def check_arguments(modules: dict[str, AdaptedModule], *, target_rank, ratio, score, scope, min_rank, alpha,
-                    svd_split="balanced") -> None:
+                    svd_split="balanced", global_norm="absolute") -> None:
     """The checks `lorpa.check_prune_arguments` makes, from the tensor shapes alone."""
     check_prune_options(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-                        alpha=alpha, svd_split=svd_split, scores=FILE_SCORES, where=" for a saved adapter")
+                        alpha=alpha, svd_split=svd_split, global_norm=global_norm, scores=FILE_SCORES,
+                        where=" for a saved adapter")
     shapes = {name: (m.rank, m.in_features, m.out_features) for name, m in modules.items()}
     check_module_shapes(shapes, target_rank=target_rank, score=score)
 
@@ -274,6 +275,7 @@ def prune_saved_adapter(
     alpha: str | float = "keep_scaling",
     seed: int | None = None,
     svd_split: str = "balanced",
+    global_norm: str = "absolute",
     overwrite: bool = False,
 ) -> PruneReport:
     """Prune the adapter saved in `adapter_dir` into `output_dir`; the options are `lorpa.prune`'s.
@@ -287,32 +289,37 @@ def prune_saved_adapter(
     weights = WeightsFile(weights_path)
     modules = adapted_modules(weights, config)
     check_arguments(modules, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank, alpha=alpha,
-                    svd_split=svd_split)
+                    svd_split=svd_split, global_norm=global_norm)
 
     rslora = bool(config.get("use_rslora"))
 
     @functools.lru_cache(maxsize=1)  # A and B of a module are read one after the other
-    def source_factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The factors components are kept from: as stored, or (svd) rewritten in the update's singular basis."""
+    def source_factors(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(A, B, w): the factors components are kept from, as stored or (svd) rewritten in the update's
+        singular basis, and (svd) the components' weight energies, for the prune's error."""
         lora_A, lora_B = weights.get(modules[name].key_A), weights.get(modules[name].key_B)
         if score == "svd":
-            lora_A, lora_B, _ = singular_factors(lora_A, lora_B, svd_split)
-        return lora_A, lora_B
+            rotation = rotate("svd", lora_A, lora_B, 1.0, None, svd_split)
+            return rotation.lora_A, rotation.lora_B, rotation.weight_energy
+        return lora_A, lora_B, None
 
+    scope_norm = global_norm if scope == "global" else "absolute"
     scores = {
-        name: module_scores(name, weights.get(m.key_A), weights.get(m.key_B), score, seed, scaling(m.alpha, m.rank, rslora))
+        name: module_scores(name, weights.get(m.key_A), weights.get(m.key_B), score, seed, scaling(m.alpha, m.rank, rslora),
+                            scope_norm)
         for name, m in modules.items()
     }
     counts = {name: _kept_count(m.rank, target_rank, ratio, min_rank) for name, m in modules.items()}
     kept = _select_module(scores, counts) if scope == "module" else _select_global(scores, counts, min_rank)
 
-    report = PruneReport(score=score, scope=scope, rewind="none", svd_split=svd_split if score == "svd" else None)
+    report = PruneReport(score=score, scope=scope, rewind="none", svd_split=svd_split if score == "svd" else None,
+                         global_norm=global_norm if score == "svd" and scope == "global" else None)
     for name, module in modules.items():
         indices = torch.sort(kept[name]).values
         new_alpha = pruned_alpha(module, len(indices), alpha, rslora)
-        lora_A, lora_B = source_factors(name)
-        before = (weights.get(module.key_A), weights.get(module.key_B), scaling(module.alpha, module.rank, rslora))
-        after = (lora_A[indices], lora_B[:, indices], scaling(new_alpha, len(indices), rslora))
+        lora_A, lora_B, energy = source_factors(name)
+        gram = energy if energy is not None else weight_gram(lora_A, lora_B)  # `lorpa.lowrank.kept_error`
+        old_scale, new_scale = scaling(module.alpha, module.rank, rslora), scaling(new_alpha, len(indices), rslora)
         report.modules[name] = ModulePruning(
             old_rank=module.rank,
             new_rank=len(indices),
@@ -320,7 +327,7 @@ def prune_saved_adapter(
             new_alpha=new_alpha,
             kept=indices.tolist(),
             scores=scores[name].tolist(),
-            relative_error=relative_error(before, after),
+            relative_error=kept_error(gram, indices, old_scale, new_scale),
         )
 
     factor_of = {m.key_A: (name, 0) for name, m in modules.items()} | {m.key_B: (name, 1) for name, m in modules.items()}
@@ -374,7 +381,7 @@ def replace_folder(staging: Path, output_dir: Path) -> None:
         os.replace(staging, output_dir)  # rename(2) replaces an empty folder
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lorpa.prune_adapter",
         description="Prune a saved peft LoRA adapter from its files alone (no base model, no GPU) into a standard "
@@ -394,8 +401,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="seed of the random score")
     parser.add_argument("--svd_split", default="balanced", metavar="|".join(SVD_SPLITS),
                         help="with --score svd, how S is shared by the new factors (default: balanced, √S each)")
+    parser.add_argument("--global_norm", default="absolute", metavar="|".join(GLOBAL_NORMS),
+                        help="with --score svd --scope global: rank singular values as they are (absolute) or as a "
+                             "share of their module's (relative) (default: absolute)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.alpha != "keep_scaling":
         try:
             args.alpha = float(args.alpha)
@@ -411,7 +425,7 @@ def main(argv: list[str] | None = None) -> PruneReport:
         report = prune_saved_adapter(
             args.adapter_dir, args.output_dir, target_rank=args.target_rank, ratio=args.ratio, score=args.score,
             scope=args.scope, min_rank=args.min_rank, alpha=args.alpha, seed=args.seed, svd_split=args.svd_split,
-            overwrite=args.overwrite,
+            global_norm=args.global_norm, overwrite=args.overwrite,
         )
     except ValueError as error:
         raise UsageError(str(error)) from error

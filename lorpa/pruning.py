@@ -16,10 +16,11 @@ import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
 
+from .calibration import clear_calibration, layer_calibration
 from .layers import factors, lora_layers, resolve_adapter, unwrap
-from .lowrank import SVD_SPLITS, relative_error, singular_factors
+from .lowrank import SVD_SPLITS, kept_error, output_error, relative_error, weight_gram
 from .rewind import SNAPSHOT_ATTR, init_snapshot
-from .scoring import SCORES, rank_scores
+from .scoring import GLOBAL_NORMS, ROTATED_SCORES, SCORES, Rotation, rank_scores, rotate
 from .sensitivity import SENSITIVITY_ATTR, tracked_sensitivity
 
 SCOPES = ("module", "global")
@@ -37,6 +38,7 @@ class ModulePruning:
     kept: list[int]
     scores: list[float]
     relative_error: float  # ‖ΔW_before − ΔW_after‖_F / ‖ΔW_before‖_F, scaling included
+    output_error: float | None = None  # ‖(ΔW_before − ΔW_after)·X‖_F / ‖ΔW_before·X‖_F on the calibration inputs
 
 
 @dataclass
@@ -45,6 +47,7 @@ class PruneReport:
     scope: str
     rewind: str
     svd_split: str | None = None
+    global_norm: str | None = None  # how a rotated score's components are ranked across modules (global scope)
     modules: dict[str, ModulePruning] = field(default_factory=dict)
 
     @property
@@ -58,6 +61,12 @@ class PruneReport:
     @property
     def mean_relative_error(self) -> float:
         return sum(m.relative_error for m in self.modules.values()) / len(self.modules)
+
+    @property
+    def mean_output_error(self) -> float | None:
+        """None unless every module was calibrated (`lorpa.calibrate`) and its output error measurable."""
+        errors = [m.output_error for m in self.modules.values()]
+        return None if any(e is None for e in errors) else sum(errors) / len(errors)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,13 +114,13 @@ def _agree_across_processes(kept: dict[str, torch.Tensor], ranks: dict[str, int]
     return agreed
 
 
-def _agree_on_factors(rotated: dict[str, tuple]) -> None:
-    """Give every process rank 0's singular factors: SVDs may differ in the last bit across devices."""
+def _agree_on_factors(rotated: dict[str, Rotation]) -> None:
+    """Give every process rank 0's rotated factors: SVDs and eigensolvers may differ in the last bit across devices."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    for new_A, new_B, _ in rotated.values():
-        dist.broadcast(new_A, src=0)
-        dist.broadcast(new_B, src=0)
+    for rotation in rotated.values():
+        dist.broadcast(rotation.lora_A, src=0)
+        dist.broadcast(rotation.lora_B, src=0)
 
 
 def _pruned_alpha(layer, adapter_name: str, new_rank: int, alpha) -> float:
@@ -143,6 +152,7 @@ def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, re
     lora_A.out_features = lora_B.in_features = len(kept)
     if snapshot is not None:
         layer.__dict__[SNAPSHOT_ATTR][adapter_name] = (snapshot[0][kept].clone(), snapshot[1][:, kept].clone())
+    clear_calibration(layer, adapter_name)  # its G describes the old A
     sensitivity = tracked_sensitivity(layer, adapter_name)
     if sensitivity is not None:  # rotated components have no history of their own
         averages = layer.__dict__[SENSITIVITY_ATTR]
@@ -176,12 +186,15 @@ def _update_config(model: nn.Module, adapter_name: str, report: PruneReport) -> 
 
 
 def check_prune_options(*, target_rank, ratio, score, scope, min_rank, alpha, rewind="none", svd_split="balanced",
-                        scores=SCORES, where: str = "") -> None:
+                        global_norm="absolute", scores=SCORES, where: str = "") -> None:
     """The checks of `prune`'s options that need no model (`prune_adapter` makes them on files too)."""
     if (target_rank is None) == (ratio is None):
         raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
     if ratio is not None and not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if score == "activation" and score not in scores:
+        raise ValueError(f"the activation score needs the model's inputs (lorpa.calibrate){where}; prune the model in "
+                         f"memory, or choose one of {', '.join(scores)}")
     if score not in scores:
         raise ValueError(f"unknown score {score!r}{where}; choose one of {', '.join(scores)}")
     if scope not in SCOPES:
@@ -190,8 +203,10 @@ def check_prune_options(*, target_rank, ratio, score, scope, min_rank, alpha, re
         raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
     if svd_split not in SVD_SPLITS:
         raise ValueError(f"unknown svd_split {svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
-    if score == "svd" and rewind == "init":
-        raise ValueError("rewind='init' cannot follow score='svd': the kept singular directions have no initial values")
+    if score in ROTATED_SCORES and rewind == "init":
+        raise ValueError(f"rewind='init' cannot follow score={score!r}: the kept rotated directions have no initial values")
+    if global_norm not in GLOBAL_NORMS:
+        raise ValueError(f"unknown global_norm {global_norm!r}; choose one of {', '.join(GLOBAL_NORMS)}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
     if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
@@ -223,10 +238,14 @@ def check_prune_arguments(
     rewind: str = "none",
     seed: int | None = None,
     svd_split: str = "balanced",
+    global_norm: str = "absolute",
     adapter_name: str | None = None,
+    calibrated: bool = True,
 ):
     """Validate `prune`'s arguments against `model` without touching it (run scripts call this
     before stage 1, so a bad option fails in seconds rather than after hours of training).
+    `calibrated=False` skips the check that the activation score's calibration was recorded (the run
+    scripts record it right before the prune).
 
     Returns (unwrapped model, adapter name, LoRA layers).
     """
@@ -238,7 +257,7 @@ def check_prune_arguments(
         raise ValueError(f"prune works on LoRA adapters, got {model.peft_config[adapter_name].peft_type.value}")
     layers = lora_layers(model, adapter_name)
     check_prune_options(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-                        alpha=alpha, rewind=rewind, svd_split=svd_split)
+                        alpha=alpha, rewind=rewind, svd_split=svd_split, global_norm=global_norm)
     shapes = {name: (layer.r[adapter_name], layer.in_features, layer.out_features) for name, layer in layers.items()}
     check_module_shapes(shapes, target_rank=target_rank, score=score)
     for name, layer in layers.items():
@@ -249,6 +268,10 @@ def check_prune_arguments(
                 f"{name}: rewind='init' needs the injection-time values; create the adapters with "
                 "lorpa.get_peft_model or call lorpa.record_init right after get_peft_model"
             )
+        calibration = layer_calibration(layer, adapter_name)
+        if score == "activation" and calibrated and (calibration is None or calibration.gram.shape[0] != layer.r[adapter_name]):
+            raise ValueError(f"{name}: the activation score needs a calibration of the current adapter; run "
+                             "lorpa.calibrate(model, batches) on some training batches right before the prune")
     return model, adapter_name, layers
 
 
@@ -264,6 +287,7 @@ def prune(
     rewind: str = "none",
     seed: int | None = None,
     svd_split: str = "balanced",
+    global_norm: str = "absolute",
     adapter_name: str | None = None,
 ) -> PruneReport:
     """Drop the lowest-scoring rank components of every LoRA module, in place.
@@ -275,22 +299,29 @@ def prune(
         components; a number sets a new lora_alpha everywhere (the paper's pruned alpha).
     rewind: "none" keeps trained values (the paper); "init" resets survivors to injection-time values.
     score: "magnitude" (the paper), "elementwise" (the authors' code), "random", "sensitivity"
-        (tracked during training by `SensitivityCallback`), or "svd": each adapter is first rewritten
-        in the singular basis of its update and the largest singular directions are kept, so each
-        pruned update is the best rank-k approximation of the old one (`svd_split` says how √S is
-        shared between A and B).
-    The optimizer must be rebuilt afterwards: the LoRA parameters are new tensors.
+        (tracked during training by `SensitivityCallback`), or one that first rewrites each adapter in
+        another basis of the same update and keeps its leading directions: "svd" (the singular basis,
+        so each pruned update is the best rank-k approximation of ΔW; `svd_split` says how √S is shared
+        between A and B) or "activation" (the basis of ΔW·X on the inputs `lorpa.calibrate` recorded,
+        so each pruned update is the best rank-k approximation of what the layer adds to its outputs).
+    global_norm: with a rewriting score in global scope, "absolute" ranks every module's components by
+        their own size (|s|·σ, or the per-token output energy), "relative" by their share of their module's.
+    Every module's report holds the weight error, and the output error on the calibration inputs when a
+    calibration was recorded (any score). The optimizer must be rebuilt afterwards: the LoRA parameters
+    are new tensors.
     """
     model, adapter_name, layers = check_prune_arguments(
-        model, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-        alpha=alpha, rewind=rewind, seed=seed, svd_split=svd_split, adapter_name=adapter_name,
+        model, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank, alpha=alpha,
+        rewind=rewind, seed=seed, svd_split=svd_split, global_norm=global_norm, adapter_name=adapter_name,
     )
     before = {name: (*factors(layer, adapter_name), layer.scaling[adapter_name]) for name, layer in layers.items()}
+    calibrations = {name: layer_calibration(layer, adapter_name) for name, layer in layers.items()}
+    calibrations = {name: c for name, c in calibrations.items() if c is not None and c.gram.shape[0] == before[name][0].shape[0]}
     rotated = {}
-    if score == "svd":
-        rotated = {name: singular_factors(a, b, svd_split) for name, (a, b, _) in before.items()}
-        scores = {name: (abs(before[name][2]) * sigma).cpu() for name, (_, _, sigma) in rotated.items()}
+    if score in ROTATED_SCORES:
+        rotated = {name: rotate(score, a, b, s, calibrations.get(name), svd_split) for name, (a, b, s) in before.items()}
         _agree_on_factors(rotated)
+        scores = {name: rotation.ranking(global_norm if scope == "global" else "absolute") for name, rotation in rotated.items()}
     else:
         scores = rank_scores(model, score, seed=seed, adapter_name=adapter_name)
     ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
@@ -302,14 +333,22 @@ def prune(
     device = factors(next(iter(layers.values())), adapter_name)[0].device
     kept = _agree_across_processes(kept, ranks, device)
 
-    report = PruneReport(score=score, scope=scope, rewind=rewind, svd_split=svd_split if score == "svd" else None)
+    report = PruneReport(score=score, scope=scope, rewind=rewind, svd_split=svd_split if score == "svd" else None,
+                         global_norm=global_norm if score in ROTATED_SCORES and scope == "global" else None)
     for name, layer in layers.items():
         indices = torch.sort(kept[name]).values
         new_alpha = _pruned_alpha(layer, adapter_name, len(indices), alpha)
         old_alpha = layer.lora_alpha[adapter_name]
-        source = rotated[name][:2] if name in rotated else None
-        _shrink_layer(layer, adapter_name, indices, new_alpha, rewind, source)
+        rotation = rotated.get(name)
+        gram = rotation.weight_energy if rotation is not None else weight_gram(*before[name][:2]) if rewind == "none" else None
+        _shrink_layer(layer, adapter_name, indices, new_alpha, rewind,
+                      None if rotation is None else (rotation.lora_A, rotation.lora_B))
         after = (*factors(layer, adapter_name), layer.scaling[adapter_name])
+        if gram is None:  # rewound: the kept factors are no part of the old ones
+            weight_error = relative_error(before[name], after)
+        else:
+            weight_error = kept_error(gram, indices, before[name][2], after[2])
+        calibration = calibrations.get(name)
         report.modules[name] = ModulePruning(
             old_rank=ranks[name],
             new_rank=len(indices),
@@ -317,7 +356,8 @@ def prune(
             new_alpha=new_alpha,
             kept=indices.tolist(),
             scores=scores[name].tolist(),
-            relative_error=relative_error(before[name], after),
+            relative_error=weight_error,
+            output_error=None if calibration is None else output_error(before[name], after, calibration.gram),
         )
     _update_config(model, adapter_name, report)
     return report

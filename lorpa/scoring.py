@@ -1,23 +1,29 @@
 """Importance scores for the rank components of LoRA adapters.
 
 Component i of an adapter is the rank-1 matrix B[:, i] ⊗ A[i, :]. A score is one number per
-component; pruning keeps the highest-scoring ones. The `svd` score is the exception that changes the
-components: it scores the singular directions of ΔW = s·B·A, which `prune` first rotates the adapter
-into (see `lowrank.singular_factors`).
+component; pruning keeps the highest-scoring ones. The rotated scores change the components first:
+`svd` scores the singular directions of ΔW = s·B·A (`lowrank.singular_factors`), `activation` the
+directions of ΔW·X on calibration inputs X (`lowrank.output_factors`, after `lorpa.calibrate`); `prune`
+rewrites the adapter in that basis before it keeps the leading directions.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .calibration import layer_calibration
 from .layers import factors, lora_layers, resolve_adapter, unwrap
-from .lowrank import singular_factors
+from .lowrank import output_factors, singular_factors
 from .sensitivity import tracked_sensitivity
 
-SCORES = ("magnitude", "elementwise", "random", "svd", "sensitivity")
+SCORES = ("magnitude", "elementwise", "random", "svd", "sensitivity", "activation")
+ROTATED_SCORES = ("svd", "activation")
+GLOBAL_NORMS = ("absolute", "relative")
 
 
 def magnitude_scores(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
@@ -43,9 +49,35 @@ def random_scores(rank: int, seed: int, module_name: str) -> torch.Tensor:
     return torch.rand(rank, generator=generator)
 
 
-def svd_scores(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """|s|·σ_i: the singular values of ΔW, comparable across modules with different scalings."""
-    return abs(scaling) * singular_factors(lora_A, lora_B)[2]
+@dataclass
+class Rotation:
+    """One module's update rewritten for a rotated score: factors whose components are kept instead of the
+    stored ones, each component's `amplitude` (its size: |s|·σ, or |s|·√(λ / tokens), the root mean square
+    it adds to the layer's output per calibration token), descending, and its weight energy (squared
+    Frobenius norm of B'[:,j]·A'[j,:]; the components are orthogonal, so these add up)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    amplitude: torch.Tensor
+    weight_energy: torch.Tensor
+
+    def ranking(self, norm: str) -> torch.Tensor:
+        """The scores a budget ranks: amplitudes as they are (comparable across modules), or each one's share of
+        its module's (√ of its energy over the module's total energy)."""
+        if norm == "absolute":
+            return self.amplitude.float().cpu()
+        total = float(self.amplitude.double().square().sum())
+        return (self.amplitude / math.sqrt(total) if total > 0 else torch.zeros_like(self.amplitude)).float().cpu()
+
+
+def rotate(score: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, calibration, svd_split: str = "balanced"):
+    """The module's `Rotation` for `svd` or `activation` (which needs the layer's calibration)."""
+    if score == "svd":
+        new_A, new_B, sigma = singular_factors(lora_A, lora_B, svd_split)
+        return Rotation(new_A, new_B, abs(scaling) * sigma, sigma.double().square())
+    new_A, new_B, energy, weight = output_factors(lora_A, lora_B, calibration.gram)
+    per_token = energy.double() / max(calibration.tokens, 1)
+    return Rotation(new_A, new_B, (abs(scaling) * per_token.sqrt()).float(), weight.double())
 
 
 def rank_scores(
@@ -55,7 +87,8 @@ def rank_scores(
 
     Scores are returned in float32 on the CPU so that ties and thresholds do not depend on the
     training dtype or device. `svd` scores describe the singular basis, not the stored components;
-    `sensitivity` needs a `SensitivityCallback` (or `update_sensitivity`) during training.
+    `sensitivity` needs a `SensitivityCallback` (or `update_sensitivity`) during training, `activation` a
+    `lorpa.calibrate` pass; both rotated scores give the amplitudes of their own basis (`Rotation`).
     """
     if score not in SCORES:
         raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
@@ -66,8 +99,11 @@ def rank_scores(
         lora_A, lora_B = factors(layer, adapter_name)
         if score == "random":
             values = random_scores(lora_A.shape[0], 0 if seed is None else seed, name)
-        elif score == "svd":
-            values = svd_scores(lora_A, lora_B, layer.scaling[adapter_name])
+        elif score in ROTATED_SCORES:
+            calibration = layer_calibration(layer, adapter_name)
+            if score == "activation" and calibration is None:
+                raise ValueError(f"{name}: no calibration was recorded; run lorpa.calibrate(model, batches) first")
+            values = rotate(score, lora_A, lora_B, layer.scaling[adapter_name], calibration).amplitude
         elif score == "sensitivity":
             values = tracked_sensitivity(layer, adapter_name)
             if values is None:

@@ -45,9 +45,10 @@ def parse_prune_schedule(text: str, max_rank: int) -> list[tuple[float, int]]:
 
 
 def lorpa_stages(schedule: list[tuple[float, int | None]], num_train_epochs: float, max_steps: int = -1,
-                 stage2_epochs: float | None = None) -> list[Stage]:
+                 stage2_epochs: float | None = None, stage2_steps: int | None = None) -> list[Stage]:
     """A stage per (fraction, target rank) of `schedule`, each followed by its prune, then the final stage
-    (the rest of the budget, or `stage2_epochs`). With `max_steps` > 0 steps are shared out, not epochs."""
+    (the rest of the budget, or `stage2_epochs`, or `stage2_steps` optimizer steps). With `max_steps` > 0
+    steps are shared out, not epochs."""
 
     def steps_until(fraction: float) -> int:
         return round(max_steps * fraction) if max_steps > 0 else 0
@@ -59,6 +60,8 @@ def lorpa_stages(schedule: list[tuple[float, int | None]], num_train_epochs: flo
         done = fraction
     final_steps = max_steps - steps_until(done) if max_steps > 0 and stage2_epochs is None else -1
     final_epochs = num_train_epochs * (1 - done) if stage2_epochs is None else stage2_epochs
+    if stage2_steps is not None:
+        final_epochs, final_steps = 0.0, stage2_steps
     return stages + [Stage(f"stage{len(stages) + 1}", final_epochs, final_steps)]
 
 

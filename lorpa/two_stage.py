@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .calibration import calibrate, calibration_tokens_wanted, trainer_batches
 from .checkpoints import find_resume_point, write_json_atomic
 from .cli import UsageError
+from .distributed import release_training_wrapper
 from .layers import lora_layers, resolve_adapter, unwrap
 from .pruning import ModulePruning, PruneReport, _shrink_layer, _update_config, check_prune_arguments, prune
 from .sensitivity import DEFAULT_BETA, SensitivityCallback, restore_sensitivity
@@ -82,7 +84,11 @@ def train_two_stage(
     rewind: str = "none",
     seed: int | None = None,
     svd_split: str = "balanced",
+    global_norm: str = "absolute",
     sensitivity_beta: float = DEFAULT_BETA,
+    calibration_batches: int | None = None,
+    calibration_tokens: str = "real",
+    stage2_steps: int | None = None,
     resume_from_checkpoint: str | None = None,
 ) -> TwoStageResult:
     """Train `model` (a peft LoRA model at rank r0) in stages with LoRPA pruning between them.
@@ -96,7 +102,12 @@ def train_two_stage(
         stage1_ratio and target_rank / ratio.
     The pruning options are `lorpa.prune`'s; neither `target_rank` nor `ratio` keeps 8 per module
     (the paper's RoBERTa setting). `seed` (default `args.seed`) drives the random score. With
-    score="sensitivity" a `SensitivityCallback` is added to every Trainer that a prune follows.
+    score="sensitivity" a `SensitivityCallback` is added to every Trainer that a prune follows. Before each
+    prune with score="activation" (or any score, when `calibration_batches` is given, to report its output
+    error) `lorpa.calibrate` runs on the stage's training set in order: `calibration_batches` batches, by
+    default as many as hold 64 tokens per unit of the LoRA rank; `calibration_tokens` as in `calibrate`.
+    stage2_steps: optimizer steps of retraining after the last prune (a short recovery), instead of the rest
+        of the budget.
     Each pruned adapter and its report are saved in `args.output_dir` (as the run scripts name them).
     resume_from_checkpoint: a `checkpoint-N` folder of any stage, or "latest"; `model` is the r0
         model as at the start (a later-stage resume re-applies the recorded prunes, then loads the checkpoint).
@@ -106,7 +117,8 @@ def train_two_stage(
     if prune_schedule is None and target_rank is None and ratio is None:
         target_rank = PAPER_TARGET_RANK
     prune_kwargs = dict(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-                        alpha=alpha, rewind=rewind, seed=args.seed if seed is None else seed, svd_split=svd_split)
+                        alpha=alpha, rewind=rewind, seed=args.seed if seed is None else seed, svd_split=svd_split,
+                        global_norm=global_norm)
     try:
         if prune_schedule is not None:
             if target_rank is not None or ratio is not None:
@@ -116,8 +128,8 @@ def train_two_stage(
             prune_kwargs.update(target_rank=schedule[0][1])
         else:
             schedule = [(stage1_ratio, None)]
-        check_prune_arguments(model, **prune_kwargs)  # fail before stage 1, not after it
-        stages = lorpa_stages(schedule, args.num_train_epochs, args.max_steps)
+        check_prune_arguments(model, **prune_kwargs, calibrated=False)  # fail before stage 1, not after it
+        stages = lorpa_stages(schedule, args.num_train_epochs, args.max_steps, stage2_steps=stage2_steps)
         start, checkpoint = find_resume_point(resume_from_checkpoint, args.output_dir, stages)
     except UsageError as error:
         raise ValueError(str(error)) from error
@@ -138,7 +150,11 @@ def train_two_stage(
                 restore_sensitivity(model, json.loads(Path(resume, "trainer_state.json").read_text()))
         if stage.trains:
             trainer.train(resume_from_checkpoint=resume)
+            release_training_wrapper(trainer)  # so the script may leave its process group safely (lorpa.distributed)
         if stage.prunes:
+            if score == "activation" or calibration_batches is not None:
+                batches = trainer_batches(trainer, calibration_batches, calibration_tokens_wanted(model))
+                calibrate(model, batches, tokens=calibration_tokens)
             reports.append(prune(model, **stage_prune_kwargs(prune_kwargs, stage)))
             adapter_dir, report_file = prune_files(stages, index)
             trainer.save_model(str(Path(args.output_dir, adapter_dir)))

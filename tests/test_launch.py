@@ -6,10 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
-from lorpa.harness import launch
+from lorpa.harness import commands, launch
 from lorpa.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def model_dir(tmp_path_factory):
 
 def train_sh(*args, env=None):
     environment = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(["bash", str(ROOT / "train.sh"), *args], capture_output=True, text=True, env=environment)
+    return processes.run(["bash", ROOT / "train.sh", *args], timeout=420, env=environment)
 
 
 def test_default_demo_runs_both_methods_and_prints_the_table(model_dir, tmp_path):
@@ -69,7 +70,7 @@ def fake_runs(monkeypatch):
         output_dir = flags[flags.index("--output_dir") + 1]
         return [sys.executable, "-c", f"import pathlib; pathlib.Path({output_dir!r}, 'results.json').write_text('{{}}')"]
 
-    monkeypatch.setattr(launch, "command_for", command_for)
+    monkeypatch.setattr(commands, "command_for", command_for)
     monkeypatch.setattr(launch, "report", lambda runs_dir: calls["reports"].append(runs_dir))
     return calls
 
@@ -169,6 +170,7 @@ def test_two_process_cpu_ddp_prunes_identically_and_writes_one_result(model_dir,
         "--train_file", str(train), "--validation_file", str(validation), "--modules_to_save", "classifier",
         "--prune_scope", "global", "--prune_score", "svd",  # svd: every process takes rank 0's rewritten factors
         "--num_train_epochs", "2", "--disable_tqdm", "true", "--output_dir", str(output_dir),
+        "--ddp_timeout", "60",  # a collective that waits on a lost peer fails well within the test's limit
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("[process ")]
@@ -206,6 +208,40 @@ def test_single_config_passes_script_flags_through(tmp_path, monkeypatch):
     (command,) = commands
     assert command[command.index("--seed") + 1] == "3"
     assert command[command.index("--model_name_or_path") + 1] == "m"
+
+
+def test_a_smoke_config_run_before_its_data_exists_makes_the_data_first(tmp_path, monkeypatch, capsys):
+    """Run from a fresh clone, `bash train.sh configs/glue/smoke.yaml` writes the generated reviews it reads."""
+    (tmp_path / "configs/glue").mkdir(parents=True)
+    config = tmp_path / "configs/glue/smoke.yaml"
+    config.write_text((ROOT / "configs/glue/smoke.yaml").read_text())
+    monkeypatch.setattr(launch, "ROOT", tmp_path)
+    commands, real_run = [], subprocess.run
+
+    def run(command, **kwargs):
+        commands.append(command)
+        if "lorpa.tasks.demo_data" in command:  # make the data for real; the training run is only recorded
+            return real_run(command, timeout=120, **kwargs)
+
+    monkeypatch.setattr(launch.subprocess, "run", run)
+    launch.main([str(config), "--model_name_or_path", "m"])
+    launch.main([str(config), "--model_name_or_path", "m"])
+    makers = [c for c in commands if "lorpa.tasks.demo_data" in c]
+    assert len(makers) == 1 and len(commands) == 3  # made once, then two training runs
+    assert (tmp_path / "runs/smoke-data/train.jsonl").is_file() and (tmp_path / "runs/smoke-data/validation.jsonl").is_file()
+    assert "making them first" in capsys.readouterr().out
+
+
+def test_every_generated_input_is_made_by_its_command(tmp_path, monkeypatch):
+    """Each smoke config reads from the folder its maker writes, and the maker writes the path that says it ran."""
+    for config, (command, marker) in launch.GENERATED_INPUTS.items():
+        values = commands.read_config(ROOT / config)
+        read = {Path(values[key]).parts[:2] for key in ("train_file", "data_dir", "model_name_or_path") if key in values}
+        assert read == {Path(command[-1]).parts} == {Path(marker).parts[:2]}, config
+    command, marker = launch.GENERATED_INPUTS["configs/clm/smoke.yaml"]
+    done = processes.run([sys.executable, ROOT / command[0], tmp_path / "tiny-llama"], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / marker.removeprefix("runs/")).is_file()
 
 
 def test_the_study_table_runs_every_row_by_default():

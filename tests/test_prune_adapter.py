@@ -1,10 +1,10 @@
 """`python -m lorpa.prune_adapter` on saved adapters gives exactly what `lorpa.prune` gives in memory."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from conftest import tiny_roberta
@@ -218,6 +218,8 @@ BAD_INPUTS = {
     "ratio": (save_adapter, ["--ratio", "1.0"], "ratio must be in [0, 1)"),
     "both-amounts": (save_adapter, ["--ratio", "0.5", "--target_rank", "3"], "not allowed with argument"),
     "score": (save_adapter, ["--score", "sensitivity"], "unknown score 'sensitivity' for a saved adapter"),
+    "activation": (save_adapter, ["--score", "activation"], "the activation score needs the model's inputs (lorpa.calibrate) for a saved adapter"),
+    "global norm": (save_adapter, ["--score", "svd", "--scope", "global", "--global_norm", "per_token"], "unknown global_norm 'per_token'"),
     "elementwise-non-square": (save_adapter, ["--score", "elementwise"], "needs in_features == out_features"),
     "alpha": (save_adapter, ["--alpha", "big"], "--alpha must be keep_scaling or a positive number"),
 }
@@ -259,7 +261,7 @@ def test_output_never_overwrites_input_or_earlier_output(tmp_path, capsys, where
 
 
 def test_module_entry_point_has_help():
-    result = subprocess.run([sys.executable, "-m", "lorpa.prune_adapter", "--help"], capture_output=True, text=True)
+    result = processes.run([sys.executable, "-m", "lorpa.prune_adapter", "--help"], timeout=120)
     assert result.returncode == 0
     assert all(flag in result.stdout for flag in ("ADAPTER_DIR", "--target_rank", "--ratio", "--scope", "--overwrite"))
 

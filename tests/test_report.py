@@ -10,7 +10,7 @@ import pytest
 
 from lorpa.cli import run_cli
 from lorpa.harness.plots import plot_prune_report
-from lorpa.report import format_params, main, model_title, row_label
+from lorpa.harness.report import format_params, main, model_title, row_label
 
 MODULES = [f"roberta.encoder.layer.{layer}.attention.self.{kind}" for layer in range(2) for kind in ("query", "value")]
 
@@ -303,7 +303,8 @@ def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp
     for seed in range(3):
         path = runs / "lorpa" / f"mrpc-{seed}" / "results.json"
         record_ = json.loads(path.read_text())
-        record_["prunes"] = [{"mean_relative_error": 0.1 * (seed + 1), "after": {"accuracy": 0.5 + 0.1 * seed}}]
+        record_["prunes"] = [{"mean_relative_error": 0.1 * (seed + 1), "after": {"accuracy": 0.5 + 0.1 * seed},
+                              "mean_output_error": None if seed == 2 else 0.05 * (seed + 1)}]  # seed 2 uncalibrated
         path.write_text(json.dumps(record_))
     assert run_cli(main, [str(runs), "--out", str(tmp_path / "t"), "--paired", "LoRA r=8"]) == 0
     out = capsys.readouterr().out
@@ -314,4 +315,5 @@ def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp
     assert any(line.startswith(f"| {label} |") and mrpc in line and f"{statistics.fmean(cola):+.1f}" in line
                for line in out.split("Paired differences against LoRA r=8")[1].splitlines())
     prune_line = next(line for line in out.split("What the last prune kept")[1].splitlines() if line.startswith("| LoRPA"))
-    assert prune_line.split("|")[2].strip() == "0.200" and prune_line.split("|")[3].strip() == "60.0"
+    cells = [cell.strip() for cell in prune_line.split("|")]
+    assert cells[2] == "0.200" and cells[3] == "0.075" and cells[4] == "60.0"  # output error: mean of the calibrated seeds

@@ -30,7 +30,7 @@ from lorpa.tasks.clm.data import (
 )
 from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
 from lorpa.tasks.clm.gsm8k import gsm8k_metrics
-from lorpa.harness.launch import script_for
+from lorpa.harness.commands import script_for
 
 TEMPLATE = "Question: {prompt} Think step by step.\nAnswer:"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -181,7 +181,55 @@ BAD_INPUTS = {
                              "could not load /nowhere/model: no such folder (and it cannot be a hub model id)"),
     "missing file names its flag": (["--validation_file", "nowhere.jsonl"],
                                     "data file not found: nowhere.jsonl (given by --validation_file"),
+    "negative learning rate": (["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
+    "zero batch size": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer, got 0"),
+    "zero eval batch size": (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be a positive integer"),
+    "zero accumulation": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive integer"),
+    "warm-up above 1 as a fraction": (["--warmup_steps", "1.5"], "--warmup_steps must be a fraction of the steps in [0, 1) or a whole number"),
+    "negative weight decay": (["--weight_decay", "-0.1"], "--weight_decay must be >= 0, got -0.1"),
+    "beta at 1": (["--adam_beta2", "1.0"], "--adam_beta2 must be in [0, 1), got 1.0"),
+    "negative epsilon": (["--adam_epsilon", "-1"], "--adam_epsilon must be >= 0"),
+    "negative clipping": (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0 (0 turns clipping off)"),
+    "seed out of range": (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    "label smoothing of 2": (["--label_smoothing_factor", "2"], "--label_smoothing_factor must be in [0, 1)"),
+    "negative workers": (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
+    "dropout above 1": (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
+    "negative alpha": (["--lora_alpha", "-1"], "--lora_alpha must be positive, got -1.0"),
+    "both recoveries": (["--stage2_epochs", "1", "--stage2_steps", "3"], "give --stage2_epochs or --stage2_steps, not both"),
+    "no calibration batches": (["--calibration_batches", "0"], "--calibration_batches must be a positive integer"),
+    "calibration tokens": (["--calibration_tokens", "all"], "unknown --calibration_tokens 'all'"),
+    "global norm": (["--global_norm", "softmax"], "unknown --global_norm 'softmax'"),
 }
+
+
+def saved_lora_adapter(folder, rank, alpha, rank_pattern=None):
+    """A LoRA adapter folder as peft writes it (only its config is read before the run refuses it)."""
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern or {}, "alpha_pattern": {}}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("rank, alpha, pattern, expected", [
+    (8, 16, None, "has rank 8 and lora_alpha 16, but --lora_r is 16 and --lora_alpha 32: pass the adapter's own values"),
+    (16, 16, None, "has rank 16 and lora_alpha 16, but --lora_r is 16 and --lora_alpha 32"),
+    (16, 32, {"query": 4, "value": 4}, "was already pruned (ranks 4); give the unpruned LoRA adapter"),
+])
+def test_a_stage1_adapter_unlike_stage1_is_refused(model_dir, tmp_path, capsys, earlier_output, rank, alpha, pattern,
+                                                   expected):
+    adapter = saved_lora_adapter(tmp_path / "adapter", rank, alpha, pattern)
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true", "--lora_r", "16",
+                    "--lora_alpha", "32", "--stage1_ratio", "1.0", "--stage1_adapter", str(adapter))
+    assert_one_line_failure(run_glue.main, argv, expected, capsys, earlier_output)
+
+
+def test_a_stage1_adapter_with_a_broken_config_is_refused(model_dir, tmp_path, capsys, earlier_output):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{not json")
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true",
+                    "--stage1_adapter", str(adapter))
+    assert_one_line_failure(run_glue.main, argv, "adapter_config.json is not readable JSON", capsys, earlier_output)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -324,6 +372,35 @@ def test_a_trained_lora_adapter_as_stage1_equals_training_stage1_here(model_dir,
     assert loaded["stage1_ranks"] == trained["stage1_ranks"] and loaded["metrics"] == trained["metrics"]
     final, reused_final = adapter_tensors(late), adapter_tensors(reused)
     assert all(torch.equal(final[k], reused_final[k]) for k in final)
+def test_the_activation_score_calibrates_right_before_the_prune_and_a_short_recovery_follows(model_dir, tmp_path):
+    files = task_files(tmp_path, "rte")
+    lora = tmp_path / "lora"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", lora, "--method", "lora", files=files))
+    output_dir = tmp_path / "activation"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0", "--prune_score", "activation",
+                           "--stage1_adapter", str(lora), "--stage2_steps", "2", files=files))
+    results = read_results(output_dir)
+    (prune,) = results["prunes"]
+    assert prune["calibration_tokens"] > 0 and 0 < prune["mean_output_error"] < 1
+    report = json.loads((output_dir / "prune_report.json").read_text())
+    assert report["score"] == "activation" and all(m["output_error"] is not None for m in report["modules"].values())
+    assert [(s["name"], s["history"][-1]["step"]) for s in results["stages"]] == [("stage1", 0), ("stage2", 2)]
+    assert results["config"]["stage2_steps"] == 2
+
+    again = tmp_path / "again"  # the calibration reads the training set in order: a second run prunes the same way
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", again, "--stage1_ratio", "1.0", "--prune_score", "activation",
+                           "--stage1_adapter", str(lora), "--stage2_steps", "2", files=files))
+    assert read_results(again)["prunes"] == results["prunes"]
+
+    svd = tmp_path / "svd"  # another score, calibrated on request, reports its output error on the same inputs
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", svd, "--stage1_ratio", "1.0", "--prune_score", "svd",
+                           "--stage1_adapter", str(lora), "--calibration_batches", "1000", files=files))
+    (svd_prune,) = read_results(svd)["prunes"]
+    assert svd_prune["calibration_tokens"] == prune["calibration_tokens"]  # every training row, the default's too
+    assert svd_prune["mean_output_error"] >= prune["mean_output_error"] - 1e-9
+    assert svd_prune["mean_relative_error"] <= prune["mean_relative_error"] + 1e-9
+
+
 def test_a_single_float_label_is_named_by_its_row(model_dir, tmp_path, capsys, earlier_output):
     files = task_files(tmp_path, "rte")
     rows = glue_rows("rte", 8, 0)

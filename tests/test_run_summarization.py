@@ -2,8 +2,10 @@
 
 import json
 import random
+import sys
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 import yaml
@@ -361,13 +363,12 @@ def test_minilm_configs_load_from_the_hub_unless_given_data_dir(tmp_path):
 
 def test_smoke_setup_writes_the_generated_articles_the_smoke_config_reads(tmp_path):
     import os
-    import subprocess
 
     root = CONFIG_DIR.parents[1]
     values = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     model_dir = tmp_path / values["model_name_or_path"]
-    done = subprocess.run(["python", str(root / "scripts/make_tiny_seq2seq.py"), str(model_dir), "--vocab_size", "300"],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(root)))
+    done = processes.run([sys.executable, root / "scripts/make_tiny_seq2seq.py", model_dir, "--vocab_size", "300"],
+                         timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
     assert done.returncode == 0, done.stderr[-2000:]
     for key in ("train_file", "validation_file"):
         rows = [json.loads(line) for line in (tmp_path / values[key]).read_text().splitlines()]

@@ -41,12 +41,12 @@ def test_prune_table_averages_the_last_prune_of_each_seed(tmp_path):
     for seed, (error, after) in enumerate([(0.2, 0.80), (0.4, 0.70)], start=1):
         folder = tmp_path / f"seed{seed}"
         folder.mkdir()
-        prunes = [{"mean_relative_error": 0.9, "after": {"accuracy": 0.1}},
-                  {"mean_relative_error": error, "after": {"accuracy": after}}]
+        prunes = [{"mean_relative_error": 0.9, "mean_output_error": 0.9, "after": {"accuracy": 0.1}},
+                  {"mean_relative_error": error, "mean_output_error": error / 2, "after": {"accuracy": after}}]
         (folder / "results.json").write_text(json.dumps({"prunes": prunes}))
         runs.append(run("LoRPA", seed, {"SST-2": 80.0}, folder))
     table = SimpleNamespace(runs=runs, columns=["SST-2"])
     lines = prune_table(table, ["LoRPA"], lambda metrics, r: {"SST-2": 100 * metrics["accuracy"]}, 1)
-    assert lines[-2] == "| LoRPA | 0.300 | 75.0 |"
+    assert lines[-2] == "| LoRPA | 0.300 | 0.150 | 75.0 |"
     assert prune_table(SimpleNamespace(runs=[run("LoRA", 1, {}, tmp_path)], columns=["SST-2"]), ["LoRA"],
                        lambda m, r: {}, 1) == []

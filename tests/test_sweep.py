@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
@@ -38,8 +39,7 @@ def write_table(root: Path, model_dir: Path, tasks=("rte", "sst2"), epochs=2, tr
 
 def train_sh(*args, env_extra=None):
     environment = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run(["bash", str(ROOT / "train.sh"), *map(str, args)], capture_output=True, text=True,
-                          env=environment)
+    return processes.run(["bash", ROOT / "train.sh", *args], timeout=420, env=environment)
 
 
 def run_interval(log: Path) -> tuple[float, float]:
@@ -117,17 +117,17 @@ def test_submitit_array_runs_the_table_a_preempted_cell_resumes_and_resubmission
     runs = tmp_path / "runs"
     argv = ["--table", table, "--methods", "lora", "--seeds", "1", "--launcher", "submitit-local", "--runs_dir", runs,
             "--slurm_sbatch", "account=lorpa", "--per_device_train_batch_size=4"]
-    sweep = subprocess.Popen(["bash", str(ROOT / "train.sh"), *map(str, argv)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    sweep = processes.start(["bash", ROOT / "train.sh", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     preempted = runs / "lora_r4/rte/seed1"
     try:
         checkpoint = wait_for_checkpoint(preempted)
         trainer = training_process(preempted)
         assert trainer is not None
         os.kill(parent_of(trainer), signal.SIGUSR2)  # the array task running the cell
-        out = sweep.communicate(timeout=600)[0]
+        out = sweep.communicate(timeout=420)[0]
     finally:
-        sweep.kill()
+        processes.kill_tree(sweep)
     assert sweep.returncode == 0, out[-3000:]
     assert re.search(r"^submitted 2 cells as array job \d+", out, re.M)
     assert "RTE" in (runs / "summary.md").read_text() and "SST-2" in (runs / "summary.md").read_text()
@@ -153,14 +153,13 @@ def test_cell_killed_after_its_first_checkpoint_resumes_from_it(model_dir, tmp_p
     runs = tmp_path / "runs"
     command = ["bash", str(ROOT / "train.sh"), "--table", str(table), "--methods", "lora", "--seeds", "1",
                "--runs_dir", str(runs)]
-    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    sweep = processes.start(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     output_dir = runs / "lora_r4/rte/seed1"
     try:
         checkpoint = wait_for_checkpoint(output_dir)
     finally:
-        os.killpg(sweep.pid, signal.SIGKILL)  # the launcher and its training process, as a node failure would
-        sweep.wait()
+        processes.kill_tree(sweep)  # the launcher and its training process, as a node failure would
     assert not (output_dir / "results.json").exists()
     done = train_sh(*command[2:])
     assert done.returncode == 0, done.stdout[-3000:]
@@ -360,3 +359,16 @@ def test_only_cells_whose_stage1_is_a_lora_run_of_the_sweep_are_linked(tmp_path)
     assert [c.name for c in launch.sweep_cells(str(table), [1], ["all"], tmp_path, []) if c.stage1_from] == ["svd_s100/sst2/seed1"]
     late.write_text(late.read_text().replace("learning_rate: 1.0e-3", "learning_rate: 2.0e-3"))
     assert not any(c.stage1_from for c in launch.sweep_cells(str(table), [1], ["all"], tmp_path, []))
+
+
+def test_every_method_flag_is_known_to_decide_stage_1_or_only_what_follows_it():
+    """A new flag must be sorted here, or a sweep could reuse a LoRA twin whose stage 1 it would have changed."""
+    import dataclasses
+
+    from lorpa.harness.arguments import MethodArguments
+    from lorpa.harness.sweep.reuse import AFTER_STAGE1_KEYS
+
+    stage1 = {"overwrite_output_dir", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save",
+              "adalora_target_r", "adalora_tinit_ratio", "adalora_tfinal_ratio"}
+    fields = {field.name for field in dataclasses.fields(MethodArguments)}
+    assert fields == stage1 | AFTER_STAGE1_KEYS and not stage1 & AFTER_STAGE1_KEYS

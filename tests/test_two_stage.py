@@ -2,10 +2,11 @@
 
 import json
 import os
-import subprocess
 import sys
+import time
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 from datasets import Dataset
@@ -52,8 +53,8 @@ def test_the_method_and_its_commands_load_without_the_harness():
     """`import lorpa` users get the method alone: the run machinery and task families stay out."""
     code = ("import sys, lorpa, lorpa.two_stage, lorpa.prune_adapter; "
             "print(sorted(m for m in sys.modules if m.startswith(('lorpa.harness', 'lorpa.tasks'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+    done = processes.run([sys.executable, "-c", code], timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
 
 
 def test_a_trainer_subclass_gets_two_stages_and_a_fresh_optimizer(tmp_path):
@@ -153,17 +154,50 @@ def test_pruning_at_the_end_leaves_the_last_trainer_untrained(tmp_path):
     assert (tmp_path / "stage1").is_dir() and all(m.relative_error < 1 for m in result.prune_report.modules.values())
 
 
+def test_the_activation_score_calibrates_each_prune_and_a_recovery_trains_given_steps(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
+    result = lorpa.train_two_stage(model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()),
+                                   training_args(tmp_path), prune_schedule="0.4:4,1.0:2", score="activation",
+                                   stage2_steps=3, calibration_tokens="loss")
+    assert [set(r.ranks.values()) for r in result.prune_reports] == [{4}, {2}]
+    assert all(r.score == "activation" and r.mean_output_error is not None for r in result.prune_reports)
+    assert result.trainer.state.global_step == 3
+
+
+def run_ddp_script(out: Path, model_dir: Path, *, timeout: float, env: dict | None = None):
+    script = Path(__file__).with_name("ddp_two_stage.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               **(env or {}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, out, model_dir]
+    return processes.run(command, timeout=timeout, env=env)
+
+
+def test_a_replica_that_hangs_fails_the_test_within_its_limit_and_leaves_no_process(tmp_path):
+    model_dir = write_tiny_decoder(tmp_path / "model", "llama")
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"ddp_two_stage\.py .* did not finish in 30 s") as failure:
+        run_ddp_script(tmp_path, model_dir, timeout=30, env={"LORPA_TEST_HANG_RANK": "1"})
+    assert time.monotonic() - started < 45
+    assert "replica 1 waits forever" in str(failure.value)  # the output says which replica hung
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(tmp_path).encode() in read_cmdline(p)]
+    assert not leftovers
+
+
+def read_cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_two_gloo_processes_keep_the_same_components_stay_in_sync_and_share_generation(tmp_path):
     torch.manual_seed(0)
     model_dir = write_tiny_decoder(tmp_path / "model", "llama")
-    script = Path(__file__).with_name("ddp_two_stage.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               str(tmp_path), str(model_dir)]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finished = run_ddp_script(tmp_path, model_dir, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     records = [json.loads((tmp_path / f"process{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["world_sizes"] == [2, 2] for r in records)  # both stages ran under DDP
+    assert all(r["ddp_wrappers_alive"] == 0 for r in records)  # none can destroy the group after the script left it
     assert records[0]["kept"] == records[1]["kept"]  # rank 0's choice, although each process seeded its own
     assert set(records[0]["ranks"].values()) == {2} and len(records[0]["ranks"]) == 14
     assert all(r["steps"] == 3 and r["trained"] for r in records)

@@ -5,16 +5,18 @@ Flag names are a public interface: configs and `train.sh` depend on them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
+from ..calibration import TOKENS, TOKENS_PER_RANK
 from ..cli import UsageError
 from ..lowrank import SVD_SPLITS
 from ..pruning import REWINDS, SCOPES
-from ..scoring import SCORES
+from ..scoring import GLOBAL_NORMS, SCORES
 from ..stages import PAPER_TARGET_RANK, parse_prune_schedule
 
 METHODS = ("lorpa", "lora", "full", "adalora")
@@ -63,6 +65,11 @@ class MethodArguments:
         default=None,
         metadata={"help": "Epochs of retraining after the (last) prune; default: the epochs left (none at stage1_ratio 1.0)"},
     )
+    stage2_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps of retraining after the (last) prune, instead of --stage2_epochs "
+                          "(a short recovery after a prune at the end)"},
+    )
     stage1_adapter: str | None = field(
         default=None,
         metadata={
@@ -88,6 +95,23 @@ class MethodArguments:
         default=None, metadata={"help": "lora_alpha after pruning; absent: keep each module's alpha/r"}
     )
     rewind: str = field(default="none", metadata={"help": f"One of {', '.join(REWINDS)}"})
+    global_norm: str = field(
+        default="absolute",
+        metadata={"help": f"With --prune_score svd or activation and --prune_scope global, how components are ranked "
+                          f"across modules: one of {', '.join(GLOBAL_NORMS)} (their own size, or their share of their module's)"},
+    )
+    calibration_batches: int | None = field(
+        default=None,
+        metadata={"help": "Training batches (in order, at the evaluation batch size) run through the model right before "
+                          "each prune to record what the activation score needs; default: as many as hold "
+                          f"{TOKENS_PER_RANK} tokens per unit of --lora_r. Given with another score, the prune report also "
+                          "measures that score's output error"},
+    )
+    calibration_tokens: str = field(
+        default="real",
+        metadata={"help": f"Which positions the calibration counts: one of {', '.join(TOKENS)} (every unpadded token, "
+                          "or for causal LMs only those the loss counts)"},
+    )
     svd_split: str = field(
         default="balanced",
         metadata={"help": f"With --prune_score svd, how S is shared by the new factors: one of {', '.join(SVD_SPLITS)}"},
@@ -111,8 +135,22 @@ class MethodArguments:
             raise UsageError(f"--stage1_ratio must be in (0, 1], got {self.stage1_ratio}")
         if self.stage2_epochs is not None and self.stage2_epochs < 0:
             raise UsageError(f"--stage2_epochs must be >= 0, got {self.stage2_epochs}")
+        if self.stage2_steps is not None and self.stage2_steps < 0:
+            raise UsageError(f"--stage2_steps must be >= 0, got {self.stage2_steps}")
+        if self.stage2_steps is not None and self.stage2_epochs is not None:
+            raise UsageError("give --stage2_epochs or --stage2_steps, not both")
+        if self.global_norm not in GLOBAL_NORMS:
+            raise UsageError(f"unknown --global_norm {self.global_norm!r}; choose one of {', '.join(GLOBAL_NORMS)}")
+        if self.calibration_batches is not None and self.calibration_batches < 1:
+            raise UsageError(f"--calibration_batches must be a positive integer, got {self.calibration_batches}")
+        if self.calibration_tokens not in TOKENS:
+            raise UsageError(f"unknown --calibration_tokens {self.calibration_tokens!r}; choose one of {', '.join(TOKENS)}")
         if self.lora_r < 1:
             raise UsageError(f"--lora_r must be a positive integer, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise UsageError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.svd_split not in SVD_SPLITS:
             raise UsageError(f"unknown --svd_split {self.svd_split!r}; choose one of {', '.join(SVD_SPLITS)}")
         if not 0 <= self.sensitivity_beta < 1:
@@ -120,8 +158,7 @@ class MethodArguments:
         if self.stage1_adapter is not None:
             if self.method != "lorpa":
                 raise UsageError("--stage1_adapter is for --method lorpa")
-            if not Path(self.stage1_adapter, "adapter_config.json").is_file():
-                raise UsageError(f"--stage1_adapter {self.stage1_adapter}: no adapter_config.json there; give a saved peft adapter folder")
+            self.check_stage1_adapter()
             if self.rewind == "init" or self.prune_score == "sensitivity":
                 raise UsageError("--stage1_adapter cannot be used with --rewind init or --prune_score sensitivity: "
                                  "both need stage 1 to be trained here")
@@ -140,6 +177,27 @@ class MethodArguments:
                 raise UsageError("--adalora_tinit_ratio + --adalora_tfinal_ratio must be below 1")
             if not 0 < self.adalora_target_r < self.lora_r:
                 raise UsageError(f"--adalora_target_r must be in [1, --lora_r), got {self.adalora_target_r}")
+
+    def check_stage1_adapter(self) -> None:
+        """The adapter must be what stage 1 at --lora_r / --lora_alpha would have trained, so that results.json
+        says what ran: an unpruned LoRA adapter of that rank and alpha."""
+        where = f"--stage1_adapter {self.stage1_adapter}"
+        path = Path(self.stage1_adapter, "adapter_config.json")
+        if not path.is_file():
+            raise UsageError(f"{where}: no adapter_config.json there; give a saved peft adapter folder")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"{where}: adapter_config.json is not readable JSON ({error})") from None
+        if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+            raise UsageError(f"{where}: not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else None})")
+        ranks = sorted(set((config.get("rank_pattern") or {}).values()))
+        if ranks:
+            raise UsageError(f"{where} was already pruned (ranks {', '.join(map(str, ranks))}); give the unpruned LoRA "
+                             "adapter, or prune this one further with python -m lorpa.prune_adapter")
+        if config.get("r") != self.lora_r or config.get("lora_alpha") != self.lora_alpha:
+            raise UsageError(f"{where} has rank {config.get('r')} and lora_alpha {config.get('lora_alpha')}, but "
+                             f"--lora_r is {self.lora_r} and --lora_alpha {self.lora_alpha:g}: pass the adapter's own values")
 
     def schedule(self) -> list[tuple[float, int | None]]:
         """(fraction of the epochs after which to prune, target rank) per prune; None: the prune flags decide."""
@@ -162,4 +220,11 @@ class MethodArguments:
             "rewind": self.rewind,
             "seed": seed,
             "svd_split": self.svd_split,
+            "global_norm": self.global_norm,
         }
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether a calibration pass precedes each prune: the activation score needs one, and any score measures
+        its output error with one."""
+        return self.method == "lorpa" and (self.prune_score == "activation" or self.calibration_batches is not None)

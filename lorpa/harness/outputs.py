@@ -1,4 +1,6 @@
-"""Output folders that are never overwritten by accident (records are written whole: `lorpa.checkpoints`)."""
+"""A run's first checks, before it loads a model or reads data: an output folder that is never overwritten
+by accident (records are written whole: `lorpa.checkpoints`), and Trainer values that would otherwise fail
+minutes later, deep in the optimizer or data loader, as a traceback."""
 
 from __future__ import annotations
 
@@ -6,15 +8,42 @@ from pathlib import Path
 
 from ..cli import UsageError
 
+# (flag, test a valid value passes, what the value must be); None stands for "not set" and is always valid.
+TRAINER_VALUE_CHECKS = (
+    ("learning_rate", lambda v: v > 0, "positive"),
+    ("per_device_train_batch_size", lambda v: v >= 1, "a positive integer"),
+    ("per_device_eval_batch_size", lambda v: v >= 1, "a positive integer"),
+    ("gradient_accumulation_steps", lambda v: v >= 1, "a positive integer"),
+    ("eval_accumulation_steps", lambda v: v >= 1, "a positive integer"),
+    ("warmup_steps", lambda v: 0 <= v < 1 or float(v).is_integer(), "a fraction of the steps in [0, 1) or a whole number of steps"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda v: v >= 0, ">= 0"),
+    ("label_smoothing_factor", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("data_seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("dataloader_num_workers", lambda v: v >= 0, ">= 0"),
+    ("save_total_limit", lambda v: v >= 0, ">= 0"),
+    ("logging_steps", lambda v: v >= 0, ">= 0"),
+    ("eval_steps", lambda v: v >= 0, ">= 0"),
+    ("save_steps", lambda v: v >= 0, ">= 0"),
+)
+
 
 def check_run_arguments(training_args, method_args) -> None:
     """Every run script's first check, before it reads any data: an output folder is named and may be
-    written, and the budget trains something (a run that trains nothing would still replace an
-    earlier results.json)."""
+    written, the budget trains something (a run that trains nothing would still replace an earlier
+    results.json), and the Trainer's numeric flags are in range."""
     if not training_args.output_dir:
         raise UsageError("--output_dir is required")
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
         raise UsageError(f"--num_train_epochs must be positive (or set --max_steps), got {training_args.num_train_epochs}")
+    for flag, valid, requirement in TRAINER_VALUE_CHECKS:
+        value = getattr(training_args, flag, None)
+        if value is not None and not valid(value):
+            raise UsageError(f"--{flag} must be {requirement}, got {value}")
     check_output_dir(training_args.output_dir, overwrite=method_args.overwrite_output_dir,
                      resuming=training_args.resume_from_checkpoint is not None)
 

@@ -46,7 +46,7 @@ def results_record(outcome: TrainingOutcome, *, task: str, model: str, method: s
         "head_params": final.get("head_params"),
         "ranks": final["ranks"],
         "stage1_ranks": outcome.stage1_ranks,
-        "prune": None if report is None else {k: report.get(k) for k in ("score", "scope", "rewind", "svd_split")},
+        "prune": None if report is None else {k: report.get(k) for k in ("score", "scope", "rewind", "svd_split", "global_norm")},
         "prunes": outcome.prunes,
         "train_runtime_s": sum(stage["train_runtime_s"] for stage in outcome.stages),
         "stages": outcome.stages,

@@ -86,27 +86,32 @@ def paired_table(table, rows: list[str], baseline: str, decimals: int) -> list[s
 
 
 def prune_table(table, rows: list[str], after_values, decimals: int) -> list[str]:
-    """Markdown: per LoRPA row, the mean relative error of the last prune and the scores right after it.
+    """Markdown: per LoRPA row, the mean weight and output errors of the last prune and the scores right after it.
 
-    `after_values(record_metrics, run) -> {column: value}` converts a prune's metrics to table units.
+    `after_values(record_metrics, run) -> {column: value}` converts a prune's metrics to table units. The output
+    error (on the calibration inputs) is shown for rows whose prunes were calibrated.
     """
-    errors, after = defaultdict(list), defaultdict(lambda: defaultdict(list))
+    errors, outputs, after = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
     for run in table.runs:
         record = prune_record(run.folder)
         if record is None:
             continue
-        if isinstance(record.get("mean_relative_error"), (int, float)):
-            errors[run.row].append(record["mean_relative_error"])
+        for key, found in (("mean_relative_error", errors), ("mean_output_error", outputs)):
+            if isinstance(record.get(key), (int, float)):
+                found[run.row].append(record[key])
         for column, value in after_values(record.get("after") or {}, run).items():
             after[run.row][column].append(value)
     shown = [row for row in rows if row in errors or row in after]
     if not shown:
         return []
-    lines = ["What the last prune kept (before any retraining): mean relative error of ΔW over modules, "
-             "and the validation score right after the prune (mean over seeds):", "",
-             "| Method | ΔW rel. error | " + " | ".join(table.columns) + " |", "|---|---:|" + "---:|" * len(table.columns)]
+    lines = ["What the last prune kept (before any retraining): mean relative error over modules of ΔW and, where "
+             "the prune was calibrated, of ΔW·X on the calibration inputs, and the validation score right after "
+             "the prune (mean over seeds):", "",
+             "| Method | ΔW rel. error | ΔW·X rel. error | " + " | ".join(table.columns) + " |",
+             "|---|---:|---:|" + "---:|" * len(table.columns)]
     for row in shown:
         error = f"{statistics.fmean(errors[row]):.3f}" if errors[row] else ""
+        output = f"{statistics.fmean(outputs[row]):.3f}" if outputs[row] else ""
         values = [f"{statistics.fmean(after[row][c]):.{decimals}f}" if after[row][c] else "" for c in table.columns]
-        lines.append(f"| {_escape(row)} | {error} | " + " | ".join(values) + " |")
+        lines.append(f"| {_escape(row)} | {error} | {output} | " + " | ".join(values) + " |")
     return lines + [""]

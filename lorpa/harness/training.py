@@ -28,8 +28,10 @@ import torch
 from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
+from ..calibration import calibrate, calibration_tokens_wanted, trainer_batches
 from ..checkpoints import checkpoint_problem, find_resume_point, write_json_atomic
 from ..cli import UsageError
+from ..distributed import release_training_wrapper
 from ..layers import lora_layers
 from ..pruning import PruneReport, check_prune_arguments, prune
 from ..rewind import init_state_dict, load_init_state_dict
@@ -56,7 +58,7 @@ class TrainingOutcome:
 def plan_stages(args: MethodArguments, num_train_epochs: float, max_steps: int = -1) -> list[Stage]:
     if args.method != "lorpa":
         return [Stage("train", num_train_epochs, max_steps)]
-    return lorpa_stages(args.schedule(), num_train_epochs, max_steps, args.stage2_epochs)
+    return lorpa_stages(args.schedule(), num_train_epochs, max_steps, args.stage2_epochs, args.stage2_steps)
 
 
 def optimizer_steps(num_examples: int, training_args: TrainingArguments, epochs: float) -> int:
@@ -210,7 +212,7 @@ def train_stages(
         prune_report = None
         if method_args.method == "lorpa":
             try:
-                check_prune_arguments(model, **prune_kwargs)
+                check_prune_arguments(model, **prune_kwargs, calibrated=False)  # calibrated right before the prune
             except ValueError as error:
                 raise UsageError(str(error)) from error
 
@@ -233,6 +235,7 @@ def train_stages(
         started = time.perf_counter()
         if stage.trains and not (index == 0 and method_args.stage1_adapter):
             trainer.train(resume_from_checkpoint=resume)
+            release_training_wrapper(trainer)  # no DDP wrapper may outlive the process group (lorpa.distributed)
             if all(entry["step"] != trainer.state.global_step for entry in evaluation_history(trainer)):
                 trainer.evaluate()  # a stage that ends mid-epoch would otherwise end unevaluated
             history = evaluation_history(trainer)
@@ -251,6 +254,10 @@ def train_stages(
 
         if stage.prunes:
             stage1_ranks = stage1_ranks or adapter_ranks(model)
+            tokens = None
+            if method_args.calibrates:
+                batches = trainer_batches(trainer, method_args.calibration_batches, calibration_tokens_wanted(model))
+                tokens = calibrate(model, batches, tokens=method_args.calibration_tokens)
             prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
             # One write per line: replicas share stdout, and print's separate newline write interleaves.
             sys.stdout.write(pruning_summary(prune_report, trainer.args.process_index) + "\n")
@@ -262,6 +269,8 @@ def train_stages(
             summary["prune"] = {
                 "ranks": prune_report.ranks,
                 "mean_relative_error": prune_report.mean_relative_error,
+                "mean_output_error": prune_report.mean_output_error,
+                "calibration_tokens": tokens,
                 "before": {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
                 "after": after,
             }

@@ -299,8 +299,8 @@ def _write(out_dir, splits: dict[str, list[dict]]) -> dict[str, Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lorpa.tasks.demo_data", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--kind", choices=("reviews", "summaries"), default="reviews",
                         help="reviews: SST-2 schema (sentence, label); summaries: XSum schema (document, summary)")
@@ -308,7 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_validation", type=int, default=None,
                         help=f"default {N_VALIDATION} reviews, {N_SUMMARY_VALIDATION} articles")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.kind == "reviews":
         write, n_train, n_validation = write_demo_glue, N_TRAIN, N_VALIDATION
     else:

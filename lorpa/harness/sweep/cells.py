@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...checkpoints import write_json_atomic
+from .. import commands
 from ..results import RESULTS_FILE
 
 LOG_FILE = "train.log"
@@ -50,8 +51,6 @@ class Cell:
 
 def start_command(cell: Cell, nproc: int) -> list[str]:
     """The run command for the cell's current state: resume from its latest checkpoint, or start."""
-    from ..launch import command_for  # the launcher builds every run command; imported late, it imports us
-
     flags = cell.flags + ["--output_dir", str(cell.output_dir)]
     if cell.resumable():
         flags += ["--resume_from_checkpoint", "latest"]
@@ -59,7 +58,7 @@ def start_command(cell: Cell, nproc: int) -> list[str]:
         flags += ["--overwrite_output_dir", "true"]  # our own folder: at most a log and unfinished files
         if cell.stage1_ready():
             flags += ["--stage1_adapter", str(cell.stage1_from)]
-    return command_for(cell.config, flags, nproc)
+    return commands.command_for(cell.config, flags, nproc)
 
 
 def _stamp() -> str:

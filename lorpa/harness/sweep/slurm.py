@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...cli import UsageError
+from ..commands import ROOT, visible_gpus
 from .cells import Cell, start
 
 SUBMITIT_FOLDER = "slurm"  # below the sweep folder: sbatch files, submitit's pickles and task logs
@@ -98,8 +99,6 @@ class CellJob:
     def __call__(self) -> str:
         if self.cell.finished():
             return f"done already: {self.cell.output_dir}"
-        from ..launch import ROOT, visible_gpus
-
         nproc = self.nproc or max(1, visible_gpus())
         self._process, thread = start(self.cell, nproc, echo=True, cwd=ROOT)  # configs' paths are relative to it
         while self._process.poll() is None:  # not wait(): `checkpoint` waits for the process from a signal handler
