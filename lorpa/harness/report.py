@@ -147,6 +147,7 @@ def row_label(record: dict) -> tuple[tuple, str]:
         notes += [score] if score != "magnitude" else []
         notes += [f"{prune['svd_split']} split"] if prune.get("svd_split") not in (None, "balanced") else []
         notes += [f"{prune['global_norm']} norm"] if prune.get("global_norm") not in (None, "absolute") else []
+        notes += ["default calibration"] if score == "activation" and config.get("calibration_batches") is None else []
         notes += [f"rewind={rewind}"] if rewind != "none" else []
         notes += _schedule_notes(config)
         suffix = f" ({', '.join(notes)})" if notes else ""
