@@ -61,6 +61,10 @@ def main(argv=None):
         defaults=TRAINING_DEFAULTS,
     )
     check_run_arguments(training_args, method_args)
+    if method_args.prune_tolerance is not None:
+        raise UsageError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
+                         "(--selection_split_percentage); prune with a fixed budget here, or search with "
+                         "python -m lorpa.prune_adapter --tolerance T --evaluate COMMAND")
     if clm_args.merge_final and method_args.method == "full":
         raise UsageError("--merge_final merges an adapter; --method full already saves the whole model")
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir

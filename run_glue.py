@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
-from lorpa.cli import parse_args, run_cli
+from lorpa.cli import UsageError, parse_args, run_cli
 from lorpa.harness.loading import load_model, load_pretrained
 from lorpa.tasks.glue import (
     SELECTION_SPLIT,
@@ -55,6 +55,12 @@ def write_predictions(trainer: Trainer, dataset, task, output_dir: str) -> None:
         Path(output_dir, "predict_results.txt").write_text("\n".join(lines) + "\n")
 
 
+def selection_points(trainer: Trainer, dataset, task) -> float:
+    """The main metric ×100 on the selection split: what --prune_tolerance compares candidates by."""
+    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=SELECTION_SPLIT)
+    return 100 * metrics[f"{SELECTION_SPLIT}_{task.main_metric}"]
+
+
 def main(argv=None):
     model_args, data_args, method_args, training_args, config_path = parse_args(
         ARGUMENTS,
@@ -63,6 +69,9 @@ def main(argv=None):
         defaults=TRAINING_DEFAULTS,
     )
     check_run_arguments(training_args, method_args)
+    if method_args.prune_tolerance is not None and not data_args.selection_split_percentage:
+        raise UsageError("--prune_tolerance chooses the budget on held-out rows: add --selection_split_percentage P, "
+                         "so the validation set is never used to choose")
     task = data_args.task
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
@@ -103,6 +112,7 @@ def main(argv=None):
         training_args=training_args,
         task_type="SEQ_CLS",
         num_train_examples=len(encoded["train"]),
+        selection_score=(lambda trainer: selection_points(trainer, encoded[SELECTION_SPLIT], task)) if selection else None,
     )
     if "test" in encoded:
         write_predictions(outcome.trainer, encoded["test"], task, training_args.output_dir)

@@ -111,11 +111,12 @@ def raise_usage_error(message: str):
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:
-    """Run `main(argv)`; bad input becomes `error: ...` on stderr and exit status 2."""
+    """Run `main(argv)`; bad input becomes `error: ...` on stderr and exit status 2. A `main` that returns an
+    int (a check's verdict) gives that exit status, any other return value 0."""
     try:
-        main(argv)
+        status = main(argv)
     except (UsageError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     leave_process_group()  # a replica that exits inside its group can abort after its results are written
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0

@@ -41,6 +41,14 @@ def singular_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, split: str = "b
     return new_A.to(lora_A.dtype), new_B.to(lora_B.dtype), sigma.float()
 
 
+def singular_values(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """σ of B·A, descending, without the factors (`singular_factors` without its rotation): float32 from float64."""
+    A, B = lora_A.detach().double(), lora_B.detach().double()
+    r_b = torch.linalg.qr(B, mode="r").R
+    r_a = torch.linalg.qr(A.t(), mode="r").R
+    return torch.linalg.svdvals(r_b @ r_a.t()).float()
+
+
 def output_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, gram: torch.Tensor):
     """Re-express B·A in the basis that orders its output on the calibration inputs: (A', B', λ, w) with
     B'·A' = B·A and λ descending, where G = (A·X)(A·X)ᵀ for inputs X (`lorpa.calibrate`).

@@ -16,7 +16,9 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,24 +30,24 @@ from safetensors import SafetensorError, safe_open
 
 from .cli import UsageError, raise_usage_error, run_cli
 from .lowrank import SVD_SPLITS, kept_error, weight_gram
+from .budgets import Budget, choose, parameters
 from .pruning import (
     SCOPES,
     ModulePruning,
     PruneReport,
-    _kept_count,
     _pruned_alpha,
-    _select_global,
-    _select_module,
     _update_config,
     check_module_shapes,
     check_prune_options,
 )
 from .scoring import GLOBAL_NORMS, elementwise_scores, magnitude_scores, random_scores, rotate
+from .tolerance import Candidate, ToleranceSearch, search_budget
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 REPORT_FILE = "prune_report.json"
+TOLERANCE_FILE = "tolerance_search.json"
 # Scores that need only the adapter's A and B (not the model, its data or its gradients).
 FILE_SCORES = ("magnitude", "elementwise", "random", "svd")
 PREFIX = "base_model.model."  # peft's saved keys start here; lorpa's module names do not
@@ -202,14 +204,12 @@ def adapted_modules(weights: WeightsFile, config: dict) -> dict[str, AdaptedModu
     return modules
 
 
-def check_arguments(modules: dict[str, AdaptedModule], *, target_rank, ratio, score, scope, min_rank, alpha,
-                    svd_split="balanced", global_norm="absolute") -> None:
-    """The checks `lorpa.check_prune_arguments` makes, from the tensor shapes alone."""
-    check_prune_options(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-                        alpha=alpha, svd_split=svd_split, global_norm=global_norm, scores=FILE_SCORES,
-                        where=" for a saved adapter")
+def check_arguments(modules: dict[str, AdaptedModule], **options) -> Budget:
+    """The checks `lorpa.check_prune_arguments` makes, from the tensor shapes alone; returns the budget."""
+    budget = check_prune_options(**options, scores=FILE_SCORES, where=" for a saved adapter")
     shapes = {name: (m.rank, m.in_features, m.out_features) for name, m in modules.items()}
-    check_module_shapes(shapes, target_rank=target_rank, score=score)
+    check_module_shapes(shapes, target_rank=budget.target_rank, score=options["score"], total_rank=budget.total_rank)
+    return budget
 
 
 def check_output_dir(adapter_dir: Path, output_dir: Path, overwrite: bool) -> None:
@@ -263,15 +263,112 @@ def write_safetensors(path: Path, tensors, metadata: dict[str, str]) -> None:
             stream.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
+class SavedAdapter:
+    """A saved adapter, read one module at a time: its scores are computed once, and any budget then gives a
+    prune report (`plan`) and a pruned copy (`write`) without reading more than one module's tensors at once."""
+
+    def __init__(self, adapter_dir: Path, *, score: str = "magnitude", seed: int | None = None,
+                 svd_split: str = "balanced", scope_norm: str = "absolute"):
+        self.adapter_dir = adapter_dir
+        self.config, weights_path = find_adapter(adapter_dir)
+        self.weights = WeightsFile(weights_path)
+        self.modules = adapted_modules(self.weights, self.config)
+        self.score, self.svd_split = score, svd_split
+        self.rslora = bool(self.config.get("use_rslora"))
+        self.scores, self.grams = {}, {}
+        if score in FILE_SCORES:  # an unknown score is refused by the option checks, before any tensor is read
+            for name, m in self.modules.items():
+                lora_A, lora_B = self.weights.get(m.key_A), self.weights.get(m.key_B)
+                self.scores[name] = module_scores(name, lora_A, lora_B, score, seed, self.scale(name), scope_norm)
+                # `kept_error`'s H: the singular basis's weight energies, or the Gram of the stored factors
+                self.grams[name] = (rotate("svd", lora_A, lora_B, 1.0, None).weight_energy if score == "svd"
+                                    else weight_gram(lora_A, lora_B))
+
+    def scale(self, name: str) -> float:
+        module = self.modules[name]
+        return scaling(module.alpha, module.rank, self.rslora)
+
+    @functools.lru_cache(maxsize=1)  # A and B of a module are written one after the other
+    def source_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors components are kept from: as stored, or (svd) rewritten in the update's singular basis."""
+        lora_A, lora_B = self.weights.get(self.modules[name].key_A), self.weights.get(self.modules[name].key_B)
+        if self.score == "svd":
+            rotation = rotate("svd", lora_A, lora_B, 1.0, None, self.svd_split)
+            return rotation.lora_A, rotation.lora_B
+        return lora_A, lora_B
+
+    def plan(self, budget: Budget, *, scope: str, alpha, global_norm: str) -> PruneReport:
+        """The prune report `lorpa.prune` would give on the loaded model, for this budget."""
+        kept = choose(self.scores, budget, scope)
+        report = PruneReport(score=self.score, scope=scope, rewind="none",
+                             svd_split=self.svd_split if self.score == "svd" else None,
+                             global_norm=global_norm if self.score == "svd" and scope == "global" else None,
+                             folded=alpha == "fold")
+        for name, module in self.modules.items():
+            indices = torch.sort(kept[name]).values
+            new_alpha = pruned_alpha(module, len(indices), alpha, self.rslora)
+            kept_scale = self.scale(name) if alpha == "fold" else scaling(new_alpha, len(indices), self.rslora)
+            report.modules[name] = ModulePruning(
+                old_rank=module.rank,
+                new_rank=len(indices),
+                old_alpha=module.alpha,
+                new_alpha=new_alpha,
+                kept=indices.tolist(),
+                scores=self.scores[name].tolist(),
+                relative_error=kept_error(self.grams[name], indices, self.scale(name), kept_scale),
+            )
+        return report
+
+    def write(self, report: PruneReport, output_dir: Path) -> None:
+        """The pruned adapter, built in a temporary folder beside `output_dir` and renamed into place."""
+        weights, modules = self.weights, self.modules
+        factor_of = {m.key_A: (name, 0) for name, m in modules.items()} | {m.key_B: (name, 1) for name, m in modules.items()}
+
+        def entry(key):
+            """(key, dtype, shape, producer) of one output tensor: LoRA factors cut to the kept components."""
+            if key not in factor_of:
+                return key, weights.dtypes[key], weights.shapes[key], lambda: weights.get(key)
+            name, dim = factor_of[key]
+            rows = torch.tensor(report.modules[name].kept, dtype=torch.long)
+            shape = list(weights.shapes[key])
+            shape[dim] = len(rows)
+            fold = self.scale(name) if report.folded and dim == 1 else None
+
+            def produce():
+                tensor = self.source_factors(name)[dim].index_select(dim, rows)
+                return tensor if fold is None else (tensor.float() * fold).to(tensor.dtype)
+
+            return key, weights.dtypes[key], tuple(shape), produce
+
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.", suffix=".tmp"))
+        try:
+            staging.chmod(0o777 & ~current_umask())  # mkdtemp's folder is private; the output should not be
+            for item in self.adapter_dir.iterdir():
+                if item.name not in (CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, REPORT_FILE, TOLERANCE_FILE):
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+            write_safetensors(staging / SAFETENSORS_FILE, [entry(key) for key in weights.keys], weights.metadata)
+            write_json(staging / CONFIG_FILE, pruned_config(self.config, report))
+            write_json(staging / REPORT_FILE, report.to_dict())
+            replace_folder(staging, output_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
 def prune_saved_adapter(
     adapter_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     *,
     target_rank: int | None = None,
     ratio: float | None = None,
+    energy: float | None = None,
+    total_rank: int | None = None,
     score: str = "magnitude",
     scope: str = "module",
     min_rank: int = 1,
+    max_rank: int | None = None,
+    rank_multiple: int = 1,
     alpha: str | float = "keep_scaling",
     seed: int | None = None,
     svd_split: str = "balanced",
@@ -284,78 +381,17 @@ def prune_saved_adapter(
     written to a temporary folder beside `output_dir`, then renamed).
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    config, weights_path = find_adapter(adapter_dir)
+    find_adapter(adapter_dir)
     check_output_dir(adapter_dir, output_dir, overwrite)
-    weights = WeightsFile(weights_path)
-    modules = adapted_modules(weights, config)
-    check_arguments(modules, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank, alpha=alpha,
-                    svd_split=svd_split, global_norm=global_norm)
-
-    rslora = bool(config.get("use_rslora"))
-
-    @functools.lru_cache(maxsize=1)  # A and B of a module are read one after the other
-    def source_factors(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(A, B, w): the factors components are kept from, as stored or (svd) rewritten in the update's
-        singular basis, and (svd) the components' weight energies, for the prune's error."""
-        lora_A, lora_B = weights.get(modules[name].key_A), weights.get(modules[name].key_B)
-        if score == "svd":
-            rotation = rotate("svd", lora_A, lora_B, 1.0, None, svd_split)
-            return rotation.lora_A, rotation.lora_B, rotation.weight_energy
-        return lora_A, lora_B, None
-
-    scope_norm = global_norm if scope == "global" else "absolute"
-    scores = {
-        name: module_scores(name, weights.get(m.key_A), weights.get(m.key_B), score, seed, scaling(m.alpha, m.rank, rslora),
-                            scope_norm)
-        for name, m in modules.items()
-    }
-    counts = {name: _kept_count(m.rank, target_rank, ratio, min_rank) for name, m in modules.items()}
-    kept = _select_module(scores, counts) if scope == "module" else _select_global(scores, counts, min_rank)
-
-    report = PruneReport(score=score, scope=scope, rewind="none", svd_split=svd_split if score == "svd" else None,
-                         global_norm=global_norm if score == "svd" and scope == "global" else None)
-    for name, module in modules.items():
-        indices = torch.sort(kept[name]).values
-        new_alpha = pruned_alpha(module, len(indices), alpha, rslora)
-        lora_A, lora_B, energy = source_factors(name)
-        gram = energy if energy is not None else weight_gram(lora_A, lora_B)  # `lorpa.lowrank.kept_error`
-        old_scale, new_scale = scaling(module.alpha, module.rank, rslora), scaling(new_alpha, len(indices), rslora)
-        report.modules[name] = ModulePruning(
-            old_rank=module.rank,
-            new_rank=len(indices),
-            old_alpha=module.alpha,
-            new_alpha=new_alpha,
-            kept=indices.tolist(),
-            scores=scores[name].tolist(),
-            relative_error=kept_error(gram, indices, old_scale, new_scale),
-        )
-
-    factor_of = {m.key_A: (name, 0) for name, m in modules.items()} | {m.key_B: (name, 1) for name, m in modules.items()}
-
-    def entry(key):
-        """(key, dtype, shape, producer) of one output tensor: LoRA factors cut to the kept components."""
-        if key not in factor_of:
-            return key, weights.dtypes[key], weights.shapes[key], lambda: weights.get(key)
-        name, dim = factor_of[key]
-        rows = torch.tensor(report.modules[name].kept, dtype=torch.long)
-        shape = list(weights.shapes[key])
-        shape[dim] = len(rows)
-        return key, weights.dtypes[key], tuple(shape), lambda: source_factors(name)[dim].index_select(dim, rows)
-
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.", suffix=".tmp"))
-    try:
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp's folder is private; the output should not be
-        for item in adapter_dir.iterdir():
-            if item.name not in (CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, REPORT_FILE):
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        write_safetensors(staging / SAFETENSORS_FILE, [entry(key) for key in weights.keys], weights.metadata)
-        write_json(staging / CONFIG_FILE, pruned_config(config, report))
-        write_json(staging / REPORT_FILE, report.to_dict())
-        replace_folder(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    options = dict(target_rank=target_rank, ratio=ratio, energy=energy, total_rank=total_rank, score=score, scope=scope,
+                   min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple, alpha=alpha, svd_split=svd_split,
+                   global_norm=global_norm)
+    check_prune_options(**options, scores=FILE_SCORES, where=" for a saved adapter")  # before any tensor is read
+    adapter = SavedAdapter(adapter_dir, score=score, seed=seed, svd_split=svd_split,
+                           scope_norm=global_norm if scope == "global" else "absolute")
+    budget = check_arguments(adapter.modules, **options)
+    report = adapter.plan(budget, scope=scope, alpha=alpha, global_norm=global_norm)
+    adapter.write(report, output_dir)
     return report
 
 
@@ -381,6 +417,79 @@ def replace_folder(staging: Path, output_dir: Path) -> None:
         os.replace(staging, output_dir)  # rename(2) replaces an empty folder
 
 
+def run_evaluation(command: list[str], adapter: Path) -> float:
+    """The score `command` prints on its last line for `adapter` (each `{adapter}` in it is replaced by the folder)."""
+    argv = [part.replace("{adapter}", str(adapter)) for part in command]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as error:
+        raise ValueError(f"--evaluate: cannot run {argv[0]}: {first_line(error)}") from None
+    if done.returncode != 0:
+        raise ValueError(f"--evaluate exited {done.returncode} on {adapter}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    lines = done.stdout.strip().splitlines()
+    try:
+        return float(lines[-1].split()[-1])
+    except (IndexError, ValueError):
+        raise ValueError(f"--evaluate printed no score on its last line for {adapter} (it must end with a number)") from None
+
+
+def prune_saved_adapter_to_tolerance(
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    tolerance: float,
+    evaluate: list[str],
+    score: str = "svd",
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    rank_multiple: int = 1,
+    alpha: str | float = "keep_scaling",
+    seed: int | None = None,
+    svd_split: str = "balanced",
+    global_norm: str = "absolute",
+    overwrite: bool = False,
+) -> tuple[PruneReport, ToleranceSearch]:
+    """The smallest global budget whose score, as `evaluate` prints it for each candidate folder, is within
+    `tolerance` of the input adapter's (`lorpa.tolerance`); every candidate goes to OUTPUT_DIR/tolerance_search.json."""
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    find_adapter(adapter_dir)
+    check_output_dir(adapter_dir, output_dir, overwrite)
+    options = dict(total_rank=1, score=score, scope="global", min_rank=min_rank, max_rank=max_rank,
+                   rank_multiple=rank_multiple, alpha=alpha, svd_split=svd_split, global_norm=global_norm)
+    check_prune_options(**options, scores=FILE_SCORES, where=" for a saved adapter")
+    if not evaluate:
+        raise ValueError("--tolerance needs --evaluate COMMAND, which prints a score for the adapter folder {adapter}")
+    adapter = SavedAdapter(adapter_dir, score=score, seed=seed, svd_split=svd_split, scope_norm=global_norm)
+    check_arguments(adapter.modules, **options)
+    shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
+    limits = Budget(total_rank=1, min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple)
+    ranks = {name: m.rank for name, m in adapter.modules.items()}
+
+    def plan(total_rank: int) -> PruneReport:
+        budget = Budget(total_rank=total_rank, min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple)
+        return adapter.plan(budget, scope="global", alpha=alpha, global_norm=global_norm)
+
+    def candidate(total_rank: int) -> Candidate:
+        report = plan(total_rank)
+        folder = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.candidate-"))
+        try:
+            target = folder / "adapter"
+            adapter.write(report, target)
+            return Candidate(sum(report.ranks.values()), parameters(shapes, report.ranks), run_evaluation(evaluate, target))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    reference = run_evaluation(evaluate, adapter_dir)
+    search = search_budget(candidate, sum(limits.bounds(r)[0] for r in ranks.values()),
+                           sum(limits.bounds(r)[1] for r in ranks.values()), sum(ranks.values()),
+                           parameters(shapes, ranks), reference, tolerance)
+    report = plan(search.kept)
+    adapter.write(report, output_dir)
+    write_json(output_dir / TOLERANCE_FILE, search.to_dict())
+    return report, search
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lorpa.prune_adapter",
@@ -391,13 +500,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.error = raise_usage_error
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="new folder for the pruned adapter")
-    amount = parser.add_mutually_exclusive_group(required=True)
+    amount = parser.add_mutually_exclusive_group()
     amount.add_argument("--target_rank", type=int, help="rank components kept per module (module scope) or on average (global)")
     amount.add_argument("--ratio", type=float, help="fraction of each module's rank pruned, in [0, 1)")
+    amount.add_argument("--energy", type=float, help="with --score svd: the share of Σσ² kept, in (0, 1]: per module (module "
+                                                     "scope, as peft's convert_to_lora with a float rank) or one threshold "
+                                                     "over all modules (global)")
+    amount.add_argument("--total_rank", type=int, help="rank components kept over all modules (global scope)")
+    amount.add_argument("--tolerance", type=float, help="the smallest global budget whose score (from --evaluate) is within "
+                                                        "this much of the input adapter's")
     parser.add_argument("--score", default="magnitude", metavar="|".join(FILE_SCORES), help="component score (default: magnitude, the paper's)")
     parser.add_argument("--scope", default="module", metavar="|".join(SCOPES), help="module: the same count everywhere; global: one budget over all modules")
     parser.add_argument("--min_rank", type=int, default=1, help="no module keeps fewer components (default: 1)")
-    parser.add_argument("--alpha", default="keep_scaling", metavar="keep_scaling|X", help="keep_scaling (keep each module's alpha/r) or a new lora_alpha")
+    parser.add_argument("--max_rank", type=int, default=None, help="no module keeps more (a serving engine's --max-lora-rank)")
+    parser.add_argument("--rank_multiple", type=int, default=1, help="every kept rank is a multiple of this (default: 1)")
+    parser.add_argument("--alpha", default="keep_scaling", metavar="keep_scaling|fold|X",
+                        help="keep_scaling (keep each module's alpha/r), fold (scaling multiplied into B, alpha = rank: "
+                             "scaling 1, served alike by every engine) or a new lora_alpha")
+    parser.add_argument("--evaluate", default=None, metavar="COMMAND",
+                        help="with --tolerance: a command that scores the adapter folder named by {adapter} in it and "
+                             "prints the score (higher is better) as the last word of its output, e.g. "
+                             "\"python my_eval.py --adapter {adapter}\"")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random score")
     parser.add_argument("--svd_split", default="balanced", metavar="|".join(SVD_SPLITS),
                         help="with --score svd, how S is shared by the new factors (default: balanced, √S each)")
@@ -410,28 +533,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.alpha != "keep_scaling":
+    if args.alpha not in ("keep_scaling", "fold"):
         try:
             args.alpha = float(args.alpha)
         except ValueError:
-            raise UsageError(f"--alpha must be keep_scaling or a positive number, got {args.alpha!r}") from None
+            raise UsageError(f"--alpha must be keep_scaling, fold or a positive number, got {args.alpha!r}") from None
         args.alpha = int(args.alpha) if args.alpha.is_integer() else args.alpha
+    if args.evaluate is not None and args.tolerance is None:
+        raise UsageError("--evaluate scores the candidates of --tolerance; give --tolerance T too")
+    if all(getattr(args, name) is None for name in ("target_rank", "ratio", "energy", "total_rank", "tolerance")):
+        raise UsageError("give one of --target_rank, --ratio, --energy, --total_rank or --tolerance")
+    try:
+        args.evaluate = None if args.evaluate is None else shlex.split(args.evaluate)
+    except ValueError as error:
+        raise UsageError(f"--evaluate: {error}") from None
     return args
 
 
 def main(argv: list[str] | None = None) -> PruneReport:
     args = parse_args(argv)
+    common = dict(score=args.score, min_rank=args.min_rank, max_rank=args.max_rank, rank_multiple=args.rank_multiple,
+                  alpha=args.alpha, seed=args.seed, svd_split=args.svd_split, global_norm=args.global_norm,
+                  overwrite=args.overwrite)
     try:
-        report = prune_saved_adapter(
-            args.adapter_dir, args.output_dir, target_rank=args.target_rank, ratio=args.ratio, score=args.score,
-            scope=args.scope, min_rank=args.min_rank, alpha=args.alpha, seed=args.seed, svd_split=args.svd_split,
-            global_norm=args.global_norm, overwrite=args.overwrite,
-        )
+        if args.tolerance is not None:
+            report, search = prune_saved_adapter_to_tolerance(args.adapter_dir, args.output_dir, tolerance=args.tolerance,
+                                                              evaluate=args.evaluate, **common)
+            for candidate in search.candidates:
+                print(f"candidate: total rank {candidate.total_rank}, {candidate.parameters} parameters, score {candidate.score:g}")
+            print(f"kept total rank {search.kept} of {search.full_rank}: the smallest within {args.tolerance:g} of the "
+                  f"input's {search.reference:g}" + ("" if search.within else " (none within it: the largest --max_rank allows)"))
+        else:
+            report = prune_saved_adapter(args.adapter_dir, args.output_dir, target_rank=args.target_rank, ratio=args.ratio,
+                                         energy=args.energy, total_rank=args.total_rank, scope=args.scope, **common)
     except ValueError as error:
         raise UsageError(str(error)) from error
     old, new = sum(report.old_ranks.values()), sum(report.ranks.values())
     print(f"pruned {len(report.modules)} LoRA modules, {old} -> {new} rank components "
-          f"({args.scope} scope, {args.score} score); wrote {args.output_dir}")
+          f"({report.scope} scope, {args.score} score); wrote {args.output_dir}")
     return report
 
 

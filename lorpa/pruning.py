@@ -8,7 +8,6 @@ standard peft adapter that `PeftModel.from_pretrained` loads with no LoRPA code.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,6 +15,7 @@ import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
 
+from .budgets import Budget, choose
 from .calibration import clear_calibration, layer_calibration
 from .layers import factors, lora_layers, resolve_adapter, unwrap
 from .lowrank import SVD_SPLITS, kept_error, output_error, relative_error, weight_gram
@@ -25,6 +25,7 @@ from .sensitivity import SENSITIVITY_ATTR, tracked_sensitivity
 
 SCOPES = ("module", "global")
 REWINDS = ("none", "init")
+ALPHAS = ("keep_scaling", "fold")  # or a number
 
 
 @dataclass
@@ -48,6 +49,7 @@ class PruneReport:
     rewind: str
     svd_split: str | None = None
     global_norm: str | None = None  # how a rotated score's components are ranked across modules (global scope)
+    folded: bool = False  # each module's scaling multiplied into its B, alpha = rank, no rsLoRA: scaling 1 everywhere
     modules: dict[str, ModulePruning] = field(default_factory=dict)
 
     @property
@@ -70,29 +72,6 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _kept_count(rank: int, target_rank: int | None, ratio: float | None, min_rank: int) -> int:
-    kept = target_rank if target_rank is not None else rank - round(rank * ratio)
-    return min(rank, max(min_rank, kept))
-
-
-def _select_module(scores: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Per module: the `counts[name]` highest scores (ties: lower index first)."""
-    return {name: torch.sort(s, descending=True, stable=True).indices[: counts[name]] for name, s in scores.items()}
-
-
-def _select_global(scores: dict[str, torch.Tensor], counts: dict[str, int], min_rank: int) -> dict[str, torch.Tensor]:
-    """One budget (the per-module total) over all components, after reserving each module's top `min_rank`."""
-    flat = torch.cat(list(scores.values())).clone()
-    owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(scores.values())])
-    offset = 0
-    for s in scores.values():
-        flat[offset + torch.sort(s, descending=True, stable=True).indices[:min_rank]] = math.inf
-        offset += len(s)
-    chosen = torch.sort(flat, descending=True, stable=True).indices[: sum(counts.values())]
-    starts = torch.tensor([0] + [len(s) for s in scores.values()]).cumsum(0)
-    return {name: chosen[owner[chosen] == i] - starts[i] for i, name in enumerate(scores)}
 
 
 def _agree_across_processes(kept: dict[str, torch.Tensor], ranks: dict[str, int], device: torch.device):
@@ -124,6 +103,8 @@ def _agree_on_factors(rotated: dict[str, Rotation]) -> None:
 
 
 def _pruned_alpha(layer, adapter_name: str, new_rank: int, alpha) -> float:
+    if alpha == "fold":
+        return new_rank
     if alpha != "keep_scaling":
         return alpha
     old_alpha, old_rank = layer.lora_alpha[adapter_name], layer.r[adapter_name]
@@ -134,10 +115,13 @@ def _pruned_alpha(layer, adapter_name: str, new_rank: int, alpha) -> float:
     return int(new_alpha) if float(new_alpha).is_integer() else new_alpha
 
 
-def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, rewind: str, rotated=None) -> None:
+def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, rewind: str, rotated=None,
+                  fold: bool = False) -> None:
     """Keep components `kept` of the layer's A rows / B columns and recompute its scaling as peft does.
 
-    `rotated`: (A, B) of the same update in its singular basis, whose components are kept instead.
+    `rotated`: (A, B) of the same update in another basis, whose components are kept instead. `fold`:
+    the layer's scaling is multiplied into B and rsLoRA switched off, so that `alpha` (its rank) gives
+    scaling 1 and the update is unchanged.
     """
     lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
     source_A, source_B = factors(layer, adapter_name) if rotated is None else rotated
@@ -147,6 +131,9 @@ def _shrink_layer(layer, adapter_name: str, kept: torch.Tensor, alpha: float, re
     index = kept.to(source_A.device)
     new_A = source_A.detach()[index].clone()
     new_B = source_B.detach()[:, index].clone()
+    if fold:
+        new_B = new_B * layer.scaling[adapter_name]
+        layer.use_rslora[adapter_name] = False
     lora_A.weight = nn.Parameter(new_A, requires_grad=lora_A.weight.requires_grad)
     lora_B.weight = nn.Parameter(new_B, requires_grad=lora_B.weight.requires_grad)
     lora_A.out_features = lora_B.in_features = len(kept)
@@ -178,27 +165,31 @@ def _update_config(model: nn.Module, adapter_name: str, report: PruneReport) -> 
     names = sorted(report.modules, key=len, reverse=True)
     config.rank_pattern = {name: report.modules[name].new_rank for name in names}
     config.alpha_pattern = {name: report.modules[name].new_alpha for name in names}
-    # The top-level r / lora_alpha are unused (the patterns name every module); chosen independently of
-    # module order, so pruning the model and pruning its saved files write the same config.
-    counts = Counter(config.rank_pattern.values())
-    config.r = max(counts, key=lambda rank: (counts[rank], rank))
+    # peft reads the patterns, which name every module; engines that ignore them (vLLM, TGI) read the top-level
+    # r as the largest rank to serve and scale every module by lora_alpha / r. So r is the largest rank, with
+    # the alpha of its first module by name: independent of module order, so pruning the model and pruning its
+    # saved files write the same config, and right for every module whenever all share one scaling.
+    config.r = max(config.rank_pattern.values())
     config.lora_alpha = report.modules[min(n for n in names if report.modules[n].new_rank == config.r)].new_alpha
+    if report.folded:
+        config.use_rslora = False
 
 
-def check_prune_options(*, target_rank, ratio, score, scope, min_rank, alpha, rewind="none", svd_split="balanced",
-                        global_norm="absolute", scores=SCORES, where: str = "") -> None:
-    """The checks of `prune`'s options that need no model (`prune_adapter` makes them on files too)."""
-    if (target_rank is None) == (ratio is None):
-        raise ValueError("pass exactly one of target_rank (ranks kept per module) or ratio (fraction pruned)")
-    if ratio is not None and not 0 <= ratio < 1:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+def check_prune_options(*, target_rank=None, ratio=None, energy=None, total_rank=None, score, scope, min_rank=1,
+                        max_rank=None, rank_multiple=1, alpha="keep_scaling", rewind="none", svd_split="balanced",
+                        global_norm="absolute", scores=SCORES, where: str = "") -> Budget:
+    """The checks of `prune`'s options that need no model (`prune_adapter` makes them on files too); returns the budget."""
+    budget = Budget(target_rank, ratio, total_rank, energy, min_rank, max_rank, rank_multiple)
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    budget.check(scope)
     if score == "activation" and score not in scores:
         raise ValueError(f"the activation score needs the model's inputs (lorpa.calibrate){where}; prune the model in "
                          f"memory, or choose one of {', '.join(scores)}")
     if score not in scores:
         raise ValueError(f"unknown score {score!r}{where}; choose one of {', '.join(scores)}")
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if energy is not None and score not in ROTATED_SCORES:
+        raise ValueError(f"energy needs a score whose components carry an energy: {' or '.join(ROTATED_SCORES)}, not {score!r}")
     if rewind not in REWINDS:
         raise ValueError(f"unknown rewind {rewind!r}; choose one of {', '.join(REWINDS)}")
     if svd_split not in SVD_SPLITS:
@@ -207,16 +198,16 @@ def check_prune_options(*, target_rank, ratio, score, scope, min_rank, alpha, re
         raise ValueError(f"rewind='init' cannot follow score={score!r}: the kept rotated directions have no initial values")
     if global_norm not in GLOBAL_NORMS:
         raise ValueError(f"unknown global_norm {global_norm!r}; choose one of {', '.join(GLOBAL_NORMS)}")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be a positive integer, got {min_rank}")
-    if alpha != "keep_scaling" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"alpha must be 'keep_scaling' or a positive number, got {alpha!r}")
-    if target_rank is not None and (isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < min_rank):
-        raise ValueError(f"target_rank must be an integer >= min_rank ({min_rank}), got {target_rank!r}")
+    if alpha not in ALPHAS and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
+        raise ValueError(f"alpha must be 'keep_scaling', 'fold' or a positive number, got {alpha!r}")
+    return budget
 
 
-def check_module_shapes(shapes: dict[str, tuple[int, int, int]], *, target_rank, score) -> None:
+def check_module_shapes(shapes: dict[str, tuple[int, int, int]], *, target_rank, score, total_rank=None) -> None:
     """Per module (rank, in_features, out_features): the target fits every rank, and elementwise is defined."""
+    components = sum(rank for rank, _, _ in shapes.values())
+    if total_rank is not None and total_rank > components:
+        raise ValueError(f"total_rank {total_rank} exceeds the adapter's {components} rank components")
     for name, (rank, in_features, out_features) in shapes.items():
         if target_rank is not None and rank < target_rank:
             raise ValueError(f"target_rank {target_rank} exceeds the rank of {name} ({rank})")
@@ -231,9 +222,13 @@ def check_prune_arguments(
     *,
     target_rank: int | None = None,
     ratio: float | None = None,
+    energy: float | None = None,
+    total_rank: int | None = None,
     score: str = "magnitude",
     scope: str = "module",
     min_rank: int = 1,
+    max_rank: int | None = None,
+    rank_multiple: int = 1,
     alpha: str | float = "keep_scaling",
     rewind: str = "none",
     seed: int | None = None,
@@ -256,10 +251,11 @@ def check_prune_arguments(
     if model.peft_config[adapter_name].peft_type.value != "LORA":
         raise ValueError(f"prune works on LoRA adapters, got {model.peft_config[adapter_name].peft_type.value}")
     layers = lora_layers(model, adapter_name)
-    check_prune_options(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-                        alpha=alpha, rewind=rewind, svd_split=svd_split, global_norm=global_norm)
+    check_prune_options(target_rank=target_rank, ratio=ratio, energy=energy, total_rank=total_rank, score=score,
+                        scope=scope, min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple, alpha=alpha,
+                        rewind=rewind, svd_split=svd_split, global_norm=global_norm)
     shapes = {name: (layer.r[adapter_name], layer.in_features, layer.out_features) for name, layer in layers.items()}
-    check_module_shapes(shapes, target_rank=target_rank, score=score)
+    check_module_shapes(shapes, target_rank=target_rank, score=score, total_rank=total_rank)
     for name, layer in layers.items():
         if adapter_name in layer.merged_adapters:
             raise ValueError(f"{name}: adapter {adapter_name!r} is merged into the base weights; unmerge it first")
@@ -280,9 +276,13 @@ def prune(
     *,
     target_rank: int | None = None,
     ratio: float | None = None,
+    energy: float | None = None,
+    total_rank: int | None = None,
     score: str = "magnitude",
     scope: str = "module",
     min_rank: int = 1,
+    max_rank: int | None = None,
+    rank_multiple: int = 1,
     alpha: str | float = "keep_scaling",
     rewind: str = "none",
     seed: int | None = None,
@@ -292,11 +292,20 @@ def prune(
 ) -> PruneReport:
     """Drop the lowest-scoring rank components of every LoRA module, in place.
 
-    target_rank / ratio: ranks kept per module, or fraction of each module's rank pruned (exactly one).
-    scope: "module" prunes the same count everywhere (the paper); "global" ranks all components of all
-        modules together against the same total, never leaving a module below `min_rank`.
+    The budget is exactly one of (`lorpa.budgets`): target_rank (ranks kept per module; the average in
+        global scope), ratio (fraction of each module's rank pruned), total_rank (components kept over all
+        modules, global scope) or energy (the share of the squared scores kept, for svd and activation: per
+        module in module scope, as peft's convert_to_lora takes a float rank, one threshold over all
+        modules in global scope).
+    scope: "module" prunes by the same rule everywhere (the paper); "global" ranks all components of all
+        modules together against the same total.
+    min_rank / max_rank: no module keeps fewer / more (max_rank: a serving engine's --max-lora-rank; the
+        budget it frees goes to the next components); rank_multiple: every rank is a multiple of it.
     alpha: "keep_scaling" keeps each module's alpha/r, so the output changes by exactly the removed
-        components; a number sets a new lora_alpha everywhere (the paper's pruned alpha).
+        components; a number sets a new lora_alpha everywhere (the paper's pruned alpha); "fold" keeps
+        the update of keep_scaling but multiplies each module's scaling into its B and sets its alpha to its
+        rank (rsLoRA off): scaling 1 everywhere, so engines that apply one lora_alpha / r to every module
+        (vLLM, TGI, SGLang) serve it as peft does.
     rewind: "none" keeps trained values (the paper); "init" resets survivors to injection-time values.
     score: "magnitude" (the paper), "elementwise" (the authors' code), "random", "sensitivity"
         (tracked during training by `SensitivityCallback`), or one that first rewrites each adapter in
@@ -311,9 +320,11 @@ def prune(
     are new tensors.
     """
     model, adapter_name, layers = check_prune_arguments(
-        model, target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank, alpha=alpha,
-        rewind=rewind, seed=seed, svd_split=svd_split, global_norm=global_norm, adapter_name=adapter_name,
+        model, target_rank=target_rank, ratio=ratio, energy=energy, total_rank=total_rank, score=score, scope=scope,
+        min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple, alpha=alpha, rewind=rewind, seed=seed,
+        svd_split=svd_split, global_norm=global_norm, adapter_name=adapter_name,
     )
+    budget = Budget(target_rank, ratio, total_rank, energy, min_rank, max_rank, rank_multiple)
     before = {name: (*factors(layer, adapter_name), layer.scaling[adapter_name]) for name, layer in layers.items()}
     calibrations = {name: layer_calibration(layer, adapter_name) for name, layer in layers.items()}
     calibrations = {name: c for name, c in calibrations.items() if c is not None and c.gram.shape[0] == before[name][0].shape[0]}
@@ -325,16 +336,13 @@ def prune(
     else:
         scores = rank_scores(model, score, seed=seed, adapter_name=adapter_name)
     ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
-    counts = {name: _kept_count(r, target_rank, ratio, min_rank) for name, r in ranks.items()}
-    if scope == "module":
-        kept = _select_module(scores, counts)
-    else:
-        kept = _select_global(scores, counts, min_rank)
+    kept = choose(scores, budget, scope)
     device = factors(next(iter(layers.values())), adapter_name)[0].device
     kept = _agree_across_processes(kept, ranks, device)
 
     report = PruneReport(score=score, scope=scope, rewind=rewind, svd_split=svd_split if score == "svd" else None,
-                         global_norm=global_norm if score in ROTATED_SCORES and scope == "global" else None)
+                         global_norm=global_norm if score in ROTATED_SCORES and scope == "global" else None,
+                         folded=alpha == "fold")
     for name, layer in layers.items():
         indices = torch.sort(kept[name]).values
         new_alpha = _pruned_alpha(layer, adapter_name, len(indices), alpha)
@@ -342,12 +350,13 @@ def prune(
         rotation = rotated.get(name)
         gram = rotation.weight_energy if rotation is not None else weight_gram(*before[name][:2]) if rewind == "none" else None
         _shrink_layer(layer, adapter_name, indices, new_alpha, rewind,
-                      None if rotation is None else (rotation.lora_A, rotation.lora_B))
+                      None if rotation is None else (rotation.lora_A, rotation.lora_B), fold=alpha == "fold")
         after = (*factors(layer, adapter_name), layer.scaling[adapter_name])
         if gram is None:  # rewound: the kept factors are no part of the old ones
             weight_error = relative_error(before[name], after)
         else:
-            weight_error = kept_error(gram, indices, before[name][2], after[2])
+            kept_scale = before[name][2] if alpha == "fold" else after[2]  # folded: the scaling went into B
+            weight_error = kept_error(gram, indices, before[name][2], kept_scale)
         calibration = calibrations.get(name)
         report.modules[name] = ModulePruning(
             old_rank=ranks[name],

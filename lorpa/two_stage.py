@@ -37,6 +37,7 @@ from .layers import lora_layers, resolve_adapter, unwrap
 from .pruning import ModulePruning, PruneReport, _shrink_layer, _update_config, check_prune_arguments, prune
 from .sensitivity import DEFAULT_BETA, SensitivityCallback, restore_sensitivity
 from .stages import PAPER_TARGET_RANK, lorpa_stages, parse_prune_schedule, prune_files, stage_prune_kwargs
+from .tolerance import ToleranceSearch, prune_to_tolerance
 
 
 @dataclasses.dataclass
@@ -45,6 +46,7 @@ class TwoStageResult:
     trainer: Trainer  # the last stage's Trainer: evaluate, save_model or push_to_hub with it
     prune_report: PruneReport  # the last prune's
     prune_reports: list[PruneReport] = dataclasses.field(default_factory=list)  # every prune, in order
+    tolerance_search: ToleranceSearch | None = None  # with `tolerance`: every candidate budget and the one kept
 
 
 def read_prune_report(path: str | Path) -> PruneReport:
@@ -64,7 +66,7 @@ def apply_prune_report(model: nn.Module, report: PruneReport) -> None:
         module = report.modules[name]
         if layer.r[adapter_name] != module.old_rank:
             raise ValueError(f"{name} has rank {layer.r[adapter_name]}; the prune report started from {module.old_rank}")
-        _shrink_layer(layer, adapter_name, torch.tensor(module.kept), module.new_alpha, "none")
+        _shrink_layer(layer, adapter_name, torch.tensor(module.kept), module.new_alpha, "none", fold=report.folded)
     _update_config(model, adapter_name, report)
 
 
@@ -77,9 +79,12 @@ def train_two_stage(
     prune_schedule: str | None = None,
     target_rank: int | None = None,
     ratio: float | None = None,
+    energy: float | None = None,
     score: str = "magnitude",
     scope: str = "module",
     min_rank: int = 1,
+    max_rank: int | None = None,
+    rank_multiple: int = 1,
     alpha: str | float = "keep_scaling",
     rewind: str = "none",
     seed: int | None = None,
@@ -89,6 +94,8 @@ def train_two_stage(
     calibration_batches: int | None = None,
     calibration_tokens: str = "real",
     stage2_steps: int | None = None,
+    tolerance: float | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
     resume_from_checkpoint: str | None = None,
 ) -> TwoStageResult:
     """Train `model` (a peft LoRA model at rank r0) in stages with LoRPA pruning between them.
@@ -108,17 +115,26 @@ def train_two_stage(
     default as many as hold 64 tokens per unit of the LoRA rank; `calibration_tokens` as in `calibrate`.
     stage2_steps: optimizer steps of retraining after the last prune (a short recovery), instead of the rest
         of the budget.
+    tolerance, evaluate: with stage1_ratio=1.0 and no budget, keep the smallest global budget whose
+        `evaluate(model)` score (higher is better, in the units of `tolerance`; score held-out data, not the
+        set you report) is within `tolerance` of the unpruned model's (`lorpa.prune_to_tolerance`).
     Each pruned adapter and its report are saved in `args.output_dir` (as the run scripts name them).
     resume_from_checkpoint: a `checkpoint-N` folder of any stage, or "latest"; `model` is the r0
         model as at the start (a later-stage resume re-applies the recorded prunes, then loads the checkpoint).
     """
     if not 0 < stage1_ratio <= 1:
         raise ValueError(f"stage1_ratio must be in (0, 1], got {stage1_ratio}")
-    if prune_schedule is None and target_rank is None and ratio is None:
+    if tolerance is not None and (evaluate is None or stage1_ratio != 1 or prune_schedule is not None
+                                  or any(v is not None for v in (target_rank, ratio, energy))):
+        raise ValueError("tolerance chooses the budget of a cut at the end: pass evaluate, stage1_ratio=1.0 and no "
+                         "target_rank / ratio / energy / prune_schedule")
+    if prune_schedule is None and target_rank is None and ratio is None and energy is None and tolerance is None:
         target_rank = PAPER_TARGET_RANK
-    prune_kwargs = dict(target_rank=target_rank, ratio=ratio, score=score, scope=scope, min_rank=min_rank,
-                        alpha=alpha, rewind=rewind, seed=args.seed if seed is None else seed, svd_split=svd_split,
-                        global_norm=global_norm)
+    prune_kwargs = dict(target_rank=target_rank, ratio=ratio, energy=energy, score=score, scope=scope,
+                        min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple, alpha=alpha, rewind=rewind,
+                        seed=args.seed if seed is None else seed, svd_split=svd_split, global_norm=global_norm)
+    if tolerance is not None:
+        prune_kwargs.update(scope="global")
     try:
         if prune_schedule is not None:
             if target_rank is not None or ratio is not None:
@@ -128,7 +144,8 @@ def train_two_stage(
             prune_kwargs.update(target_rank=schedule[0][1])
         else:
             schedule = [(stage1_ratio, None)]
-        check_prune_arguments(model, **prune_kwargs, calibrated=False)  # fail before stage 1, not after it
+        checked = prune_kwargs if tolerance is None else {**prune_kwargs, "total_rank": 1}
+        check_prune_arguments(model, **checked, calibrated=False)  # fail before stage 1, not after it
         stages = lorpa_stages(schedule, args.num_train_epochs, args.max_steps, stage2_steps=stage2_steps)
         start, checkpoint = find_resume_point(resume_from_checkpoint, args.output_dir, stages)
     except UsageError as error:
@@ -137,6 +154,7 @@ def train_two_stage(
     reports = [read_prune_report(Path(args.output_dir, prune_files(stages, i)[1])) for i in range(start) if stages[i].prunes]
     for report in reports:
         apply_prune_report(model, report)
+    search = None  # the tolerance search, when this call made it (a resumed stage 2 re-applies its recorded prune)
     for index, stage in enumerate(stages[start:], start=start):
         stage_args = dataclasses.replace(
             args, output_dir=str(Path(args.output_dir, stage.name)), num_train_epochs=stage.epochs,
@@ -155,10 +173,15 @@ def train_two_stage(
             if score == "activation" or calibration_batches is not None:
                 batches = trainer_batches(trainer, calibration_batches, calibration_tokens_wanted(model))
                 calibrate(model, batches, tokens=calibration_tokens)
-            reports.append(prune(model, **stage_prune_kwargs(prune_kwargs, stage)))
+            if tolerance is None:
+                reports.append(prune(model, **stage_prune_kwargs(prune_kwargs, stage)))
+            else:
+                options = {k: v for k, v in prune_kwargs.items() if k not in ("target_rank", "ratio", "energy", "scope")}
+                report, search = prune_to_tolerance(model, evaluate, tolerance, **options)
+                reports.append(report)
             adapter_dir, report_file = prune_files(stages, index)
             trainer.save_model(str(Path(args.output_dir, adapter_dir)))
             if trainer.is_world_process_zero():
                 write_json_atomic(Path(args.output_dir, report_file), reports[-1].to_dict())
             del trainer  # its optimizer and DDP wrapper hold the pre-pruning parameters
-    return TwoStageResult(model, trainer, reports[-1], reports)
+    return TwoStageResult(model, trainer, reports[-1], reports, search)

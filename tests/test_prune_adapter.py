@@ -221,7 +221,7 @@ BAD_INPUTS = {
     "activation": (save_adapter, ["--score", "activation"], "the activation score needs the model's inputs (lorpa.calibrate) for a saved adapter"),
     "global norm": (save_adapter, ["--score", "svd", "--scope", "global", "--global_norm", "per_token"], "unknown global_norm 'per_token'"),
     "elementwise-non-square": (save_adapter, ["--score", "elementwise"], "needs in_features == out_features"),
-    "alpha": (save_adapter, ["--alpha", "big"], "--alpha must be keep_scaling or a positive number"),
+    "alpha": (save_adapter, ["--alpha", "big"], "--alpha must be keep_scaling, fold or a positive number"),
 }
 
 

@@ -47,6 +47,12 @@ def argv_for(model_dir, folder, task, output_dir, *extra, files=None):
     ]
 
 
+def without_target(argv):
+    """argv_for's arguments without its --prune_target_rank, for runs that size the adapter another way."""
+    index = argv.index("--prune_target_rank")
+    return argv[:index] + argv[index + 2:]
+
+
 def read_results(output_dir):
     return json.loads((output_dir / "results.json").read_text())
 
@@ -199,6 +205,14 @@ BAD_INPUTS = {
     "no calibration batches": (["--calibration_batches", "0"], "--calibration_batches must be a positive integer"),
     "calibration tokens": (["--calibration_tokens", "all"], "unknown --calibration_tokens 'all'"),
     "global norm": (["--global_norm", "softmax"], "unknown --global_norm 'softmax'"),
+    "tolerance without a selection split": (["--prune_target_rank", None, "--prune_tolerance", "0.5", "--stage1_ratio", "1.0"],
+                                            "--prune_tolerance chooses the budget on held-out rows: add --selection_split_percentage"),
+    "tolerance before the end": (["--prune_target_rank", None, "--prune_tolerance", "0.5"],
+                                 "--prune_tolerance chooses the cut at the end of training: use it with --stage1_ratio 1.0"),
+    "two budgets": (["--prune_energy", "0.9"], "give one of --prune_target_rank, --prune_energy, not several"),
+    "energy above 1": (["--prune_target_rank", None, "--prune_energy", "1.2"], "--prune_energy must be in (0, 1]"),
+    "energy of magnitude": (["--prune_target_rank", None, "--prune_energy", "0.9"], "energy needs a score whose components carry an energy"),
+    "pruned alpha word": (["--pruned_alpha", "folded"], "--pruned_alpha must be a positive number or fold"),
 }
 
 
@@ -399,6 +413,29 @@ def test_the_activation_score_calibrates_right_before_the_prune_and_a_short_reco
     assert svd_prune["calibration_tokens"] == prune["calibration_tokens"]  # every training row, the default's too
     assert svd_prune["mean_output_error"] >= prune["mean_output_error"] - 1e-9
     assert svd_prune["mean_relative_error"] <= prune["mean_relative_error"] + 1e-9
+
+
+def test_the_tolerance_search_chooses_on_the_selection_split_and_records_every_candidate(model_dir, tmp_path):
+    files = task_files(tmp_path, "rte", n_train=40)
+    output_dir = tmp_path / "tolerance"
+    run_glue.main(without_target(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0", "--prune_score",
+                                          "svd", "--prune_tolerance", "5", "--selection_split_percentage", "25",
+                                          "--pruned_alpha", "fold", files=files)))
+    results = read_results(output_dir)
+    (prune,) = results["prunes"]
+    search = prune["tolerance"]
+    within = [c for c in search["candidates"] if c["score"] >= search["reference"] - 5]
+    assert search["kept"] == min([c["total_rank"] for c in within] + [search["full_rank"]])
+    assert sum(results["ranks"].values()) == search["kept"]
+    assert (output_dir / "tolerance_curve.png").read_bytes()[:4] == b"\x89PNG"
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] == max(results["ranks"].values())  # folded: scaling 1
+
+    energy = tmp_path / "energy"
+    run_glue.main(without_target(argv_for(model_dir, tmp_path, "rte", energy, "--stage1_ratio", "1.0", "--prune_score", "svd",
+                                          "--prune_energy", "0.9", "--prune_scope", "global", "--prune_max_rank", "6",
+                                          files=files)))
+    assert max(read_results(energy)["ranks"].values()) <= 6
 
 
 def test_a_single_float_label_is_named_by_its_row(model_dir, tmp_path, capsys, earlier_output):

@@ -164,6 +164,24 @@ def test_the_activation_score_calibrates_each_prune_and_a_recovery_trains_given_
     assert result.trainer.state.global_step == 3
 
 
+def test_a_tolerance_prunes_at_the_end_to_the_smallest_budget_the_evaluation_allows(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
+    held_out = torch.tensor(token_data(4, length=10)["input_ids"])
+
+    def loss_points(model):  # minus the held-out loss, in hundredths
+        with torch.no_grad():
+            return -100 * float(model(input_ids=held_out, labels=held_out).loss)
+
+    result = lorpa.train_two_stage(model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()),
+                                   training_args(tmp_path), stage1_ratio=1.0, score="svd", tolerance=1.0,
+                                   evaluate=loss_points, alpha="fold")
+    search = result.tolerance_search
+    assert search is not None and sum(result.prune_report.ranks.values()) == search.kept
+    assert loss_points(result.model) >= search.reference - 1.0 - 1e-6 and result.prune_report.folded
+    with pytest.raises(ValueError, match="tolerance chooses the budget of a cut at the end"):
+        lorpa.train_two_stage(model, lambda m, a: None, training_args(tmp_path), tolerance=1.0, evaluate=loss_points)
+
+
 def run_ddp_script(out: Path, model_dir: Path, *, timeout: float, env: dict | None = None):
     script = Path(__file__).with_name("ddp_two_stage.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),

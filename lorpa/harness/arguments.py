@@ -89,10 +89,28 @@ class MethodArguments:
         default=None, metadata={"help": f"Ranks kept per module ({PAPER_TARGET_RANK} when neither this nor --prune_ratio is given)"}
     )
     prune_ratio: float | None = field(default=None, metadata={"help": "Fraction of each module's ranks pruned"})
+    prune_energy: float | None = field(
+        default=None,
+        metadata={"help": "With --prune_score svd or activation: the share of the components' energy kept, in (0, 1]: per "
+                          "module in module scope (as peft's convert_to_lora with a float rank), one threshold over all "
+                          "modules in global scope"},
+    )
+    prune_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Points (the main metric ×100) the pruned adapter may lose on the selection split: the smallest "
+                          "global budget within them is kept, found by bisection, every candidate recorded (GLUE, with "
+                          "--selection_split_percentage and --stage1_ratio 1.0)"},
+    )
+    prune_max_rank: int | None = field(
+        default=None, metadata={"help": "No module keeps more components (a serving engine's --max-lora-rank)"}
+    )
+    prune_rank_multiple: int = field(default=1, metadata={"help": "Every kept rank is a multiple of this"})
     prune_score: str = field(default="magnitude", metadata={"help": f"One of {', '.join(SCORES)}"})
     prune_scope: str = field(default="module", metadata={"help": f"One of {', '.join(SCOPES)}"})
-    pruned_alpha: float | None = field(
-        default=None, metadata={"help": "lora_alpha after pruning; absent: keep each module's alpha/r"}
+    pruned_alpha: str | None = field(
+        default=None,
+        metadata={"help": "lora_alpha after pruning: a number, or fold (each module's scaling multiplied into its B, "
+                          "alpha = rank: scaling 1, which every serving engine applies alike); absent: keep each module's alpha/r"},
     )
     rewind: str = field(default="none", metadata={"help": f"One of {', '.join(REWINDS)}"})
     global_norm: str = field(
@@ -127,8 +145,23 @@ class MethodArguments:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.prune_target_rank is not None and self.prune_ratio is not None:
-            raise UsageError("give --prune_target_rank or --prune_ratio, not both")
+        amounts = [f"--{name}" for name in ("prune_target_rank", "prune_ratio", "prune_energy", "prune_tolerance")
+                   if getattr(self, name) is not None]
+        if len(amounts) > 1:
+            raise UsageError(f"give one of {', '.join(amounts)}, not several")
+        if self.prune_energy is not None and not 0 < self.prune_energy <= 1:
+            raise UsageError(f"--prune_energy must be in (0, 1], got {self.prune_energy}")
+        if self.prune_tolerance is not None and self.prune_tolerance < 0:
+            raise UsageError(f"--prune_tolerance must be >= 0 points, got {self.prune_tolerance}")
+        if self.prune_tolerance is not None and (self.stage1_ratio != 1 or self.prune_schedule is not None):
+            raise UsageError("--prune_tolerance chooses the cut at the end of training: use it with --stage1_ratio 1.0")
+        if self.pruned_alpha is not None and self.pruned_alpha not in ("fold", "keep_scaling"):
+            try:
+                self.pruned_alpha = float(self.pruned_alpha)
+            except ValueError:
+                raise UsageError(f"--pruned_alpha must be a positive number or fold, got {self.pruned_alpha!r}") from None
+            if self.pruned_alpha <= 0:
+                raise UsageError(f"--pruned_alpha must be a positive number or fold, got {self.pruned_alpha:g}")
         if self.prune_ratio is not None and not 0 <= self.prune_ratio < 1:
             raise UsageError(f"--prune_ratio must be in [0, 1), got {self.prune_ratio}")
         if self.method == "lorpa" and not 0 < self.stage1_ratio <= 1:
@@ -163,8 +196,8 @@ class MethodArguments:
                 raise UsageError("--stage1_adapter cannot be used with --rewind init or --prune_score sensitivity: "
                                  "both need stage 1 to be trained here")
         if self.prune_schedule is not None:
-            if self.prune_target_rank is not None or self.prune_ratio is not None:
-                raise UsageError("--prune_schedule sets the ranks; drop --prune_target_rank / --prune_ratio")
+            if self.prune_target_rank is not None or self.prune_ratio is not None or self.prune_energy is not None:
+                raise UsageError("--prune_schedule sets the ranks; drop --prune_target_rank / --prune_ratio / --prune_energy")
             self.schedule()  # validates
         if (
             self.method == "lorpa"
@@ -208,11 +241,14 @@ class MethodArguments:
     def prune_kwargs(self, seed: int) -> dict:
         """Keyword arguments for `lorpa.prune`."""
         target = self.prune_target_rank
-        if target is None and self.prune_ratio is None:
+        if target is None and self.prune_ratio is None and self.prune_energy is None and self.prune_tolerance is None:
             target = PAPER_TARGET_RANK
         return {
             "target_rank": target,
             "ratio": self.prune_ratio,
+            "energy": self.prune_energy,
+            "max_rank": self.prune_max_rank,
+            "rank_multiple": self.prune_rank_multiple,
             "score": self.prune_score,
             "scope": self.prune_scope,
             "min_rank": self.min_rank,

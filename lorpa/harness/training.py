@@ -37,8 +37,10 @@ from ..pruning import PruneReport, check_prune_arguments, prune
 from ..rewind import init_state_dict, load_init_state_dict
 from ..sensitivity import SensitivityCallback, restore_sensitivity
 from ..stages import Stage, lorpa_stages, prune_files, stage_prune_kwargs
+from ..tolerance import prune_to_tolerance
 from .adapters import AdaLoraAllocationCallback, attach_adapters
 from .arguments import MethodArguments
+from .curves import TOLERANCE_PLOT_FILE, plot_tolerance
 
 STAGE_SUMMARY_FILE = "stage_summary.json"
 
@@ -174,6 +176,20 @@ def _resumed_init_snapshot(fresh_model: torch.nn.Module, reports: list[dict]) ->
     return state
 
 
+def search_kwargs(prune_kwargs: dict, method_args: MethodArguments) -> dict:
+    """`lorpa.prune`'s options for the checks of a tolerance search: a global budget, which the search sets."""
+    if method_args.prune_tolerance is None:
+        return prune_kwargs
+    return {**prune_kwargs, "target_rank": None, "ratio": None, "energy": None, "total_rank": 1, "scope": "global"}
+
+
+def tolerance_summary(search) -> str:
+    kept = next((c for c in search.candidates if c.total_rank == search.kept), None)
+    where = "unpruned" if kept is None else f"{kept.parameters} parameters, {kept.score:.2f} points"
+    return (f"tolerance search: {len(search.candidates)} candidates; kept total rank {search.kept} of {search.full_rank} "
+            f"({where}) against {search.reference:.2f} unpruned" + ("" if search.within else "; none was within the tolerance"))
+
+
 def _trainer_state(checkpoint: str) -> dict:
     return json.loads(Path(checkpoint, "trainer_state.json").read_text())
 
@@ -186,8 +202,12 @@ def train_stages(
     training_args: TrainingArguments,
     task_type: str,
     num_train_examples: int,
+    selection_score: Callable[[Trainer], float] | None = None,
 ) -> TrainingOutcome:
-    """Train every stage of the method, pruning after each stage that `plan_stages` says, and save the final model."""
+    """Train every stage of the method, pruning after each stage that `plan_stages` says, and save the final model.
+
+    selection_score(trainer) -> points on the held-out selection split, for `--prune_tolerance`.
+    """
     output_dir = training_args.output_dir
     stages = plan_stages(method_args, training_args.num_train_epochs, training_args.max_steps)
     start, checkpoint = find_resume_point(training_args.resume_from_checkpoint, output_dir, stages)
@@ -212,7 +232,7 @@ def train_stages(
         prune_report = None
         if method_args.method == "lorpa":
             try:
-                check_prune_arguments(model, **prune_kwargs, calibrated=False)  # calibrated right before the prune
+                check_prune_arguments(model, **search_kwargs(prune_kwargs, method_args), calibrated=False)
             except ValueError as error:
                 raise UsageError(str(error)) from error
 
@@ -258,7 +278,14 @@ def train_stages(
             if method_args.calibrates:
                 batches = trainer_batches(trainer, method_args.calibration_batches, calibration_tokens_wanted(model))
                 tokens = calibrate(model, batches, tokens=method_args.calibration_tokens)
-            prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
+            search = None
+            if method_args.prune_tolerance is None:
+                prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
+            else:
+                options = {k: v for k, v in search_kwargs(prune_kwargs, method_args).items() if k not in ("total_rank", "scope")}
+                prune_report, search = prune_to_tolerance(model, lambda _: selection_score(trainer),
+                                                          method_args.prune_tolerance, **options)
+                sys.stdout.write(tolerance_summary(search) + "\n")
             # One write per line: replicas share stdout, and print's separate newline write interleaves.
             sys.stdout.write(pruning_summary(prune_report, trainer.args.process_index) + "\n")
             sys.stdout.flush()
@@ -271,11 +298,14 @@ def train_stages(
                 "mean_relative_error": prune_report.mean_relative_error,
                 "mean_output_error": prune_report.mean_output_error,
                 "calibration_tokens": tokens,
+                **({} if search is None else {"tolerance": search.to_dict()}),
                 "before": {k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
                 "after": after,
             }
             if trainer.is_world_process_zero():
                 write_json_atomic(Path(output_dir, report_file), prune_report.to_dict())
+                if search is not None:
+                    plot_tolerance(search.to_dict(), Path(output_dir, TOLERANCE_PLOT_FILE))
         summaries.append(summary)
         if trainer.is_world_process_zero():
             write_json_atomic(Path(stage_args.output_dir, STAGE_SUMMARY_FILE), summary)

@@ -19,7 +19,7 @@ from .cells import Cell
 # Flags that only decide what happens after stage 1, or whether it is trained here.
 AFTER_STAGE1_KEYS = frozenset({
     "method", "stage1_ratio", "stage2_epochs", "stage2_steps", "stage1_adapter", "prune_schedule", "prune_target_rank",
-    "prune_ratio", "prune_score", "prune_scope", "pruned_alpha", "rewind", "svd_split", "global_norm",
+    "prune_ratio", "prune_energy", "prune_tolerance", "prune_max_rank", "prune_rank_multiple", "prune_score", "prune_scope", "pruned_alpha", "rewind", "svd_split", "global_norm",
     "sensitivity_beta", "min_rank", "calibration_batches", "calibration_tokens",
 })
 METHOD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(MethodArguments)}
