@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
 from lorpa.harness.adapters import check_target_modules
@@ -31,6 +32,7 @@ from lorpa.tasks.clm.data import (
     pad_id,
 )
 from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
+from lorpa.tasks.clm.loading import load_causal_lm
 from lorpa.tasks.clm.gsm8k import gsm8k_metrics
 from lorpa.tasks.clm.serving import MERGED_DIR, save_merged
 from lorpa.harness.loading import load_pretrained
@@ -109,7 +111,7 @@ def main(argv=None):
         )
 
     outcome = train_stages(
-        load_model=lambda: load_pretrained(AutoModelForCausalLM, model_path, cache_dir, dtype=clm_args.dtype),
+        load_model=lambda: load_causal_lm(model_path, cache_dir, clm_args, training_args),
         make_trainer=make_trainer,
         method_args=method_args,
         training_args=training_args,
@@ -132,7 +134,12 @@ def main(argv=None):
         )
         record["data"] = data_summary
         print(f"results: {write_results(output_dir, record)}")
-        if clm_args.merge_final:
+        if clm_args.merge_final and clm_args.quantized:  # merging into 4- or 8-bit weights would round the update away
+            base = load_pretrained(AutoModelForCausalLM, model_path, cache_dir, dtype=clm_args.dtype)
+            merged = save_merged(PeftModel.from_pretrained(base, output_dir), Path(output_dir, MERGED_DIR), tokenizer)
+            print(f"merged model: {merged} (the adapter merged into a copy of the base loaded unquantised, "
+                  f"dtype {clm_args.torch_dtype}; the quantised weights were not merged into)")
+        elif clm_args.merge_final:
             print(f"merged model: {save_merged(outcome.model, Path(output_dir, MERGED_DIR), tokenizer)}")
 
 

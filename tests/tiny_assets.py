@@ -92,7 +92,7 @@ CHAT_TEMPLATE = (  # the shape of Qwen2's: every turn closed by <|im_end|>, gene
 )
 
 
-def write_tiny_decoder(folder: Path, kind: str = "llama") -> Path:
+def write_tiny_decoder(folder: Path, kind: str = "llama", hidden_size: int = 32) -> Path:
     """A tiny causal LM and byte-level BPE tokenizer trained on generated GSM8K-format problems.
 
     llama: BOS-only post-processing, no pad token, no chat template (a base Llama checkpoint).
@@ -118,7 +118,7 @@ def write_tiny_decoder(folder: Path, kind: str = "llama") -> Path:
         config_class, model_class = Qwen2Config, Qwen2ForCausalLM
         extra = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     config = config_class(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra,
     )
     model_class(config).save_pretrained(folder)
