@@ -192,6 +192,13 @@ def test_parameter_counts_read_like_the_paper(count, text):
     ({"method": "lorpa", "stage1_ranks": {"a": 16, "b": 16}, "ranks": {"a": 1, "b": 7},
       "prune": {"score": "random", "scope": "global", "rewind": "init"}}, "LoRPA 16→4 (global, random, rewind=init)"),
     ({"method": "adalora", "ranks": {"a": 3, "b": 9}, "config": {"adalora_target_r": 8}}, "AdaLoRA r=8"),
+    ({"method": "lorpa", "stage1_ranks": {"a": 64, "b": 64}, "ranks": {"a": 3, "b": 10},
+      "prune": {"score": "svd", "scope": "global", "rewind": "none"},
+      "config": {"prune_energy": 0.95, "stage1_ratio": 1.0}}, "LoRPA 64→energy 0.95 (global, svd, prune at 100%)"),
+    ({"method": "lorpa", "stage1_ranks": {"a": 64, "b": 64}, "ranks": {"a": 2, "b": 2},
+      "prune": {"score": "activation", "scope": "global", "rewind": "none", "global_norm": "relative"},
+      "config": {"stage1_ratio": 1.0, "stage2_steps": 15, "calibration_batches": 8}},
+     "LoRPA 64→2 (global, activation, relative norm, prune at 100%, 15 retraining steps)"),
 ])
 def test_row_labels_name_method_and_rank_budget(fields, label):
     assert row_label(fields)[1] == label

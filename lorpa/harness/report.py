@@ -139,6 +139,10 @@ def row_label(record: dict) -> tuple[tuple, str]:
         return (order, 0), "AdaLoRA"
     if method == "lorpa":
         start, end = _rank(record, "stage1_ranks", "lora_r"), _rank(record, "ranks", "prune_target_rank")
+        end_text = _fmt_rank(end)
+        for key, name in (("prune_energy", "energy"), ("prune_tolerance", "tolerance")):  # sized by the data: no fixed rank
+            if _number(config.get(key)):
+                end, end_text = config[key], f"{name} {config[key]:g}"
         prune = record.get("prune") or {}
         scope = prune.get("scope", config.get("prune_scope", "module"))
         score = prune.get("score", config.get("prune_score", "magnitude"))
@@ -151,7 +155,7 @@ def row_label(record: dict) -> tuple[tuple, str]:
         notes += [f"rewind={rewind}"] if rewind != "none" else []
         notes += _schedule_notes(config)
         suffix = f" ({', '.join(notes)})" if notes else ""
-        return (order, start, end, tuple(notes)), f"LoRPA {_fmt_rank(start)}→{_fmt_rank(end)}{suffix}"
+        return (order, start, end, tuple(notes)), f"LoRPA {_fmt_rank(start)}→{end_text}{suffix}"
     return (order, method), method
 
 
