@@ -53,6 +53,9 @@ def _fsync_folder(folder: Path) -> None:
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin")
+# What accelerate writes for an FSDP run (`save_fsdp_model` / `save_fsdp_optimizer`): a full state dict as one file,
+# a sharded one as a distributed-checkpoint folder or one file per process.
+FSDP_MODEL_PREFIX, FSDP_OPTIMIZER_PREFIX = "pytorch_model_fsdp", "optimizer"
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -66,7 +69,8 @@ def checkpoint_problem(path: Path) -> str | None:
     except (OSError, ValueError) as error:
         return f"no readable trainer_state.json ({type(error).__name__})"
     weights = [Path(path, name) for name in WEIGHT_FILES if Path(path, name).is_file()]
-    if not weights:
+    sharded = [entry for entry in Path(path).iterdir() if entry.name.startswith(FSDP_MODEL_PREFIX)]
+    if not weights and not sharded:
         return "no model weights"
     for file in weights:
         if file.suffix == ".safetensors":
@@ -75,8 +79,9 @@ def checkpoint_problem(path: Path) -> str | None:
                     pass
             except Exception as error:  # safetensors raises its own error types for a damaged header
                 return f"{file.name} is damaged ({str(error).strip().splitlines()[0]})"
-    if not Path(path, "optimizer.pt").is_file() and not any(Path(path).glob("global_step*")):  # DeepSpeed's own layout
-        return "no optimizer.pt"
+    optimizers = [entry for entry in Path(path).iterdir() if entry.name.startswith(FSDP_OPTIMIZER_PREFIX)]
+    if not optimizers and not any(Path(path).glob("global_step*")):  # DeepSpeed's own layout
+        return "no optimizer state (optimizer.pt, or optimizer.bin / optimizer_0 as FSDP saves it)"
     for file in sorted(f for f in Path(path).iterdir() if f.suffix in (".pt", ".pth", ".bin")):
         try:  # torch.save writes zip archives; a cut-off one has no central directory
             zipfile.ZipFile(file).close()

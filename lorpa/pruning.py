@@ -7,8 +7,10 @@ standard peft adapter that `PeftModel.from_pretrained` loads with no LoRPA code.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -72,6 +74,13 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def read(cls, path) -> "PruneReport":
+        """A report saved as JSON (prune_report.json); fields a newer report adds keep their defaults."""
+        values = json.loads(Path(path).read_text())
+        modules = {name: ModulePruning(**module) for name, module in values.pop("modules").items()}
+        return cls(**values, modules=modules)
 
 
 def _agree_across_processes(kept: dict[str, torch.Tensor], ranks: dict[str, int], device: torch.device):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -37,6 +38,7 @@ from .layers import lora_layers, resolve_adapter, unwrap
 from .pruning import ModulePruning, PruneReport, _shrink_layer, _update_config, check_prune_arguments, prune
 from .sensitivity import DEFAULT_BETA, SensitivityCallback, restore_sensitivity
 from .stages import PAPER_TARGET_RANK, lorpa_stages, parse_prune_schedule, prune_files, stage_prune_kwargs
+from .sharded import check_sharded_options, fsdp_requested, prune_through_files, prunes_from_files
 from .tolerance import ToleranceSearch, prune_to_tolerance
 
 
@@ -47,12 +49,6 @@ class TwoStageResult:
     prune_report: PruneReport  # the last prune's
     prune_reports: list[PruneReport] = dataclasses.field(default_factory=list)  # every prune, in order
     tolerance_search: ToleranceSearch | None = None  # with `tolerance`: every candidate budget and the one kept
-
-
-def read_prune_report(path: str | Path) -> PruneReport:
-    values = json.loads(Path(path).read_text())
-    modules = {name: ModulePruning(**module) for name, module in values.pop("modules").items()}
-    return PruneReport(**values, modules=modules)
 
 
 def apply_prune_report(model: nn.Module, report: PruneReport) -> None:
@@ -96,6 +92,7 @@ def train_two_stage(
     stage2_steps: int | None = None,
     tolerance: float | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
+    make_model: Callable[[], nn.Module] | None = None,
     resume_from_checkpoint: str | None = None,
 ) -> TwoStageResult:
     """Train `model` (a peft LoRA model at rank r0) in stages with LoRPA pruning between them.
@@ -119,6 +116,10 @@ def train_two_stage(
         `evaluate(model)` score (higher is better, in the units of `tolerance`; score held-out data, not the
         set you report) is within `tolerance` of the unpruned model's (`lorpa.prune_to_tolerance`).
     Each pruned adapter and its report are saved in `args.output_dir` (as the run scripts name them).
+    make_model() -> the base model (without adapters), loaded as for stage 1: needed under FSDP (`args.fsdp`
+        or an `accelerate launch` FSDP config), where a sharded model cannot be pruned in place: each prune
+        then goes through the saved adapter's files (`lorpa.sharded`) and the next stage starts from
+        `make_model()` with the pruned adapter, which its Trainer shards afresh; `result.model` is that model.
     resume_from_checkpoint: a `checkpoint-N` folder of any stage, or "latest"; `model` is the r0
         model as at the start (a later-stage resume re-applies the recorded prunes, then loads the checkpoint).
     """
@@ -146,12 +147,18 @@ def train_two_stage(
             schedule = [(stage1_ratio, None)]
         checked = prune_kwargs if tolerance is None else {**prune_kwargs, "total_rank": 1}
         check_prune_arguments(model, **checked, calibrated=False)  # fail before stage 1, not after it
+        if fsdp_requested(args):
+            check_sharded_options(score=score, rewind=rewind, tolerance=tolerance,
+                                  calibrates=score == "activation" or calibration_batches is not None)
+            if make_model is None:
+                raise UsageError("under FSDP pass make_model (a function that loads the base model): stage 2 starts "
+                                 "from a fresh, unsharded model with the pruned adapter")
         stages = lorpa_stages(schedule, args.num_train_epochs, args.max_steps, stage2_steps=stage2_steps)
         start, checkpoint = find_resume_point(resume_from_checkpoint, args.output_dir, stages)
     except UsageError as error:
         raise ValueError(str(error)) from error
 
-    reports = [read_prune_report(Path(args.output_dir, prune_files(stages, i)[1])) for i in range(start) if stages[i].prunes]
+    reports = [PruneReport.read(Path(args.output_dir, prune_files(stages, i)[1])) for i in range(start) if stages[i].prunes]
     for report in reports:
         apply_prune_report(model, report)
     search = None  # the tolerance search, when this call made it (a resumed stage 2 re-applies its recorded prune)
@@ -169,7 +176,15 @@ def train_two_stage(
         if stage.trains:
             trainer.train(resume_from_checkpoint=resume)
             release_training_wrapper(trainer)  # so the script may leave its process group safely (lorpa.distributed)
-        if stage.prunes:
+        if stage.prunes and prunes_from_files(trainer):  # sharded: prune the saved adapter, load it on a fresh model
+            adapter_dir, report_file = prune_files(stages, index)
+            reports.append(prune_through_files(trainer, stage_args.output_dir, Path(args.output_dir, adapter_dir),
+                                               stage_prune_kwargs(prune_kwargs, stage)))
+            if trainer.is_world_process_zero():
+                write_json_atomic(Path(args.output_dir, report_file), reports[-1].to_dict())
+            del trainer
+            model = PeftModel.from_pretrained(make_model(), Path(args.output_dir, adapter_dir), is_trainable=True)
+        elif stage.prunes:
             if score == "activation" or calibration_batches is not None:
                 batches = trainer_batches(trainer, calibration_batches, calibration_tokens_wanted(model))
                 calibrate(model, batches, tokens=calibration_tokens)

@@ -244,6 +244,30 @@ def test_every_generated_input_is_made_by_its_command(tmp_path, monkeypatch):
     assert (tmp_path / marker.removeprefix("runs/")).is_file()
 
 
+def test_an_accelerate_config_passes_through_to_every_run_and_cell(tmp_path, monkeypatch):
+    """`--accelerate_config` (an FSDP setup) runs each run under `accelerate launch`, locally and in sweeps."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text((ROOT / "configs/accelerate/fsdp.yaml").read_text())
+    monkeypatch.setattr(commands, "visible_gpus", lambda: 0)
+    command = commands.command_for(ROOT / "configs/glue/smoke.yaml", ["--seed", "1"], 1, config)
+    assert command[1:7] == ["-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "8"]
+    assert command[command.index("--per_device_train_batch_size") + 1] == "4"  # the smoke config's 32 over 8 processes
+    assert commands.command_for(ROOT / "configs/glue/smoke.yaml", [], 2, config)[6] == "2"  # --nproc wins
+    cells = launch.sweep_cells("minilm-study", [1], ["lora_r8"], tmp_path / "runs", [], config)
+    assert all(cell.accelerate_config == config for cell in cells)
+    from lorpa.harness.sweep.cells import read_manifest, start_command, write_manifest
+
+    write_manifest(tmp_path / "runs", cells)
+    assert [c.accelerate_config for c in read_manifest(tmp_path / "runs")] == [config] * len(cells)
+    assert "accelerate.commands.launch" in start_command(read_manifest(tmp_path / "runs")[0], 1)
+
+
+def test_a_missing_accelerate_config_is_one_line(capsys):
+    assert run_cli(launch.main, ["configs/glue/smoke.yaml", "--accelerate_config", "nowhere.yaml"]) == 2
+    assert capsys.readouterr().err == ("error: --accelerate_config nowhere.yaml: no such file "
+                                       "(see configs/accelerate/fsdp.yaml)\n")
+
+
 def test_the_study_table_runs_every_row_by_default():
     cells = list(launch.table_cells("minilm-study", ["all"]))
     rows = {name for name, _ in cells}

@@ -48,6 +48,29 @@ def test_latest_falls_back_to_the_previous_stage_then_to_the_start(tmp_path, cap
     assert "starts from the beginning" in capsys.readouterr().err
 
 
+def test_checkpoints_in_the_layouts_fsdp_saves_resume_and_a_cut_off_one_is_skipped(tmp_path, capsys):
+    """accelerate's names for an FSDP run: a full state dict in one file, a sharded one in a distributed-checkpoint folder."""
+    full = complete_checkpoint(tmp_path / "stage1" / "checkpoint-2")
+    (full / "adapter_model.safetensors").unlink()
+    (full / "optimizer.pt").rename(full / "pytorch_model_fsdp.bin")
+    shutil.copy(full / "pytorch_model_fsdp.bin", full / "optimizer.bin")
+    assert find_resume_point(str(full), str(tmp_path), STAGES) == (0, str(full))
+    sharded = complete_checkpoint(tmp_path / "stage1" / "checkpoint-4")
+    (sharded / "adapter_model.safetensors").unlink()
+    (sharded / "optimizer.pt").unlink()
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (sharded / folder).mkdir()
+        (sharded / folder / ".metadata").write_bytes(b"dcp")
+    assert find_resume_point("latest", str(tmp_path), STAGES) == (0, str(sharded))
+    (sharded / "optimizer_0" / ".metadata").unlink()
+    (sharded / "optimizer_0").rmdir()  # killed before the optimizer was saved
+    assert find_resume_point("latest", str(tmp_path), STAGES) == (0, str(full))
+    assert "no optimizer state" in capsys.readouterr().err
+    (full / "optimizer.bin").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(UsageError, match="optimizer.bin is damaged"):
+        find_resume_point(str(full), str(tmp_path), STAGES)
+
+
 def test_a_named_incomplete_checkpoint_is_refused_in_one_line(tmp_path):
     (tmp_path / "stage1" / "checkpoint-4").mkdir(parents=True)
     with pytest.raises(UsageError, match="cannot be resumed: no readable trainer_state.json"):

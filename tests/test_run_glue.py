@@ -438,6 +438,32 @@ def test_the_tolerance_search_chooses_on_the_selection_split_and_records_every_c
     assert max(read_results(energy)["ranks"].values()) <= 6
 
 
+def test_a_prune_through_the_adapter_files_as_under_fsdp_ends_where_the_prune_in_memory_ends(model_dir, tmp_path,
+                                                                                              monkeypatch):
+    """Under FSDP (which the Trainer runs on GPUs only) each prune goes through the saved adapter (lorpa.sharded)."""
+    files = task_files(tmp_path, "rte")
+    extra = ("--prune_score", "svd", "--prune_scope", "global", "--stage1_ratio", "0.5")
+    in_memory = tmp_path / "memory"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", in_memory, *extra, files=files))
+    monkeypatch.setattr("lorpa.harness.training.prunes_from_files", lambda trainer: True)
+    through_files = tmp_path / "files"
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", through_files, *extra, files=files))
+    memory, sharded = read_results(in_memory), read_results(through_files)
+    assert sharded["ranks"] == memory["ranks"] and sharded["prunes"][0]["ranks"] == memory["prunes"][0]["ranks"]
+    assert sharded["prunes"][0]["mean_relative_error"] == pytest.approx(memory["prunes"][0]["mean_relative_error"], abs=1e-6)
+    assert sharded["metrics"]["accuracy"] == memory["metrics"]["accuracy"]
+    assert sharded["metrics"]["loss"] == pytest.approx(memory["metrics"]["loss"], rel=1e-5)
+    assert (through_files / "stage1/adapter/adapter_model.safetensors").is_file()
+
+
+def test_fsdp_refuses_the_options_a_prune_through_files_cannot_honour(model_dir, tmp_path, capsys, earlier_output,
+                                                                      monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true", "--prune_score", "activation")
+    assert_one_line_failure(run_glue.main, argv, "under FSDP LoRPA prunes the gathered adapter from its files, without "
+                            "the model: score 'activation', a calibration", capsys, earlier_output)
+
+
 def test_a_single_float_label_is_named_by_its_row(model_dir, tmp_path, capsys, earlier_output):
     files = task_files(tmp_path, "rte")
     rows = glue_rows("rte", 8, 0)

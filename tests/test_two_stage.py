@@ -182,11 +182,12 @@ def test_a_tolerance_prunes_at_the_end_to_the_smallest_budget_the_evaluation_all
         lorpa.train_two_stage(model, lambda m, a: None, training_args(tmp_path), tolerance=1.0, evaluate=loss_points)
 
 
-def run_ddp_script(out: Path, model_dir: Path, *, timeout: float, env: dict | None = None):
+def run_ddp_script(out: Path, model_dir: Path, *, timeout: float, env: dict | None = None, mode: str = "memory"):
     script = Path(__file__).with_name("ddp_two_stage.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                **(env or {}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, out, model_dir]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, out, model_dir,
+               mode]
     return processes.run(command, timeout=timeout, env=env)
 
 
@@ -208,14 +209,19 @@ def read_cmdline(process: Path) -> bytes:
         return b""
 
 
-def test_two_gloo_processes_keep_the_same_components_stay_in_sync_and_share_generation(tmp_path):
+@pytest.mark.parametrize("mode", ["memory", "files"])
+def test_two_gloo_processes_keep_the_same_components_stay_in_sync_and_share_generation(tmp_path, mode):
+    """`files`: the prune goes as under FSDP (lorpa.sharded), through the adapter process 0 prunes from its files."""
     torch.manual_seed(0)
     model_dir = write_tiny_decoder(tmp_path / "model", "llama")
-    finished = run_ddp_script(tmp_path, model_dir, timeout=300)
+    finished = run_ddp_script(tmp_path, model_dir, timeout=300, mode=mode)
     assert finished.returncode == 0, finished.stderr[-3000:]
     records = [json.loads((tmp_path / f"process{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["world_sizes"] == [2, 2] for r in records)  # both stages ran under DDP
     assert all(r["ddp_wrappers_alive"] == 0 for r in records)  # none can destroy the group after the script left it
+    assert all(r["fresh_model"] == (mode == "files") for r in records)  # through files, stage 2 starts from a new model
+    if mode == "files":
+        assert (tmp_path / "run/stage1/adapter/adapter_config.json").is_file()  # the unpruned adapter, saved in full
     assert records[0]["kept"] == records[1]["kept"]  # rank 0's choice, although each process seeded its own
     assert set(records[0]["ranks"].values()) == {2} and len(records[0]["ranks"]) == 14
     assert all(r["steps"] == 3 and r["trained"] for r in records)

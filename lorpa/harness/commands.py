@@ -60,13 +60,22 @@ def has_flag(flags: list[str], name: str) -> bool:
     return any(flag == name or flag.startswith(name + "=") for flag in flags)
 
 
-def command_for(config: Path, flags: list[str], nproc: int) -> list[str]:
-    """The command for one run; a config that names no model runs the packaged MiniLM."""
+def command_for(config: Path, flags: list[str], nproc: int, accelerate_config: Path | None = None) -> list[str]:
+    """The command for one run; a config that names no model runs the packaged MiniLM.
+
+    With `accelerate_config` (e.g. an FSDP setup, configs/accelerate/fsdp.yaml) the run goes through
+    `accelerate launch --config_file`, which sets up the processes and the Trainer's sharding.
+    """
     values = read_config(config)
     script = script_for(values)
     if "model_name_or_path" not in values and not has_flag(flags, "--model_name_or_path"):
         flags = ["--model_name_or_path", packaged_minilm()] + flags
-    if nproc > 1:
+    if accelerate_config is not None:
+        processes = nproc if nproc > 1 else accelerate_processes(accelerate_config)
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+                    "--num_processes", str(processes), str(script)]
+        flags = per_device_batch(values, processes) + flags
+    elif nproc > 1:
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", str(script)]
         flags = per_device_batch(values, nproc) + flags
         if not visible_gpus():  # DDP over gloo; without it the Trainer runs each process alone
@@ -76,6 +85,15 @@ def command_for(config: Path, flags: list[str], nproc: int) -> list[str]:
     if visible_gpus() and "summarization" in script.name:
         flags = ["--fp16", "true"] + flags  # the paper's BART setting; on a GPU only
     return launcher + ["--config", str(config)] + flags
+
+
+def accelerate_processes(path: Path) -> int:
+    """The processes an accelerate config asks for (`num_processes`, 1 when it names none)."""
+    values = read_config(path)
+    processes = values.get("num_processes", 1)
+    if not isinstance(processes, int) or processes < 1:
+        raise UsageError(f"--accelerate_config {path}: num_processes must be a positive integer, got {processes!r}")
+    return processes
 
 
 def per_device_batch(config: dict, nproc: int) -> list[str]:

@@ -55,13 +55,13 @@ GENERATED_INPUTS = {
 METHOD_FOLDERS = {"all": ("", "*"), "lorpa": ("", "lorpa_r*"), "lora": ("lora_r*",)}
 
 
-def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int) -> None:
+def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int, accelerate_config: Path | None = None) -> None:
     """One run; without an output folder in the flags or config it goes to runs/<config path>."""
     if not has_flag(flags, "--output_dir") and "output_dir" not in read_config(config):
         name = config.relative_to(ROOT / "configs") if config.is_relative_to(ROOT / "configs") else Path(config.name)
         flags = flags + ["--output_dir", str(runs_dir or ROOT / "runs" / name.with_suffix(""))]
     make_generated_inputs(config)
-    command = commands.command_for(config, flags, nproc)
+    command = commands.command_for(config, flags, nproc, accelerate_config)
     print("+ " + shlex.join(command), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
 
@@ -145,7 +145,8 @@ def table_cells(table: str, methods: list[str]):
                     yield ("lorpa" if folder == root else folder.name), config
 
 
-def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path, flags: list[str]) -> list[Cell]:
+def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path, flags: list[str],
+                accelerate_config: Path | None = None) -> list[Cell]:
     """Seed-major order, so that a first seed of the whole table finishes before the next starts; a
     prune-at-the-end cell reuses its LoRA twin's run as stage 1 (sweep/reuse.py)."""
     configs = list(table_cells(table, methods))
@@ -159,7 +160,7 @@ def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path
                 values[config] = read_config(config)
                 twins.append((name, config))
     cells = {config: [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
-                           flags + ["--seed", str(seed)]) for seed in seeds]
+                           flags + ["--seed", str(seed)], accelerate_config=accelerate_config) for seed in seeds]
              for name, config in configs + twins}
     if not any(has_flag(flags, f"--{key}") for key in AFTER_STAGE1_KEYS):  # a flag that changes the prune links nothing
         link_stage1_runs([cell for row in cells.values() for cell in row], values.__getitem__)
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=int, default=None,
                         help="processes (GPUs) per run; default: all visible GPUs, 1 with --parallel")
     parser.add_argument("--parallel", type=int, default=1, help="cells of a table run at once (each on its own GPUs)")
+    parser.add_argument("--accelerate_config", default=None, metavar="FILE.yaml",
+                        help="run every run through `accelerate launch --config_file FILE` (e.g. FSDP: "
+                             "configs/accelerate/fsdp.yaml), with --nproc processes or the file's num_processes")
     parser.add_argument("--launcher", choices=("local", "slurm", "submitit-local"), default="local",
                         help="local: this machine; slurm: one SLURM array job through submitit; "
                              "submitit-local: that array job run here by submitit (a check before submitting)")
@@ -267,11 +271,17 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be a positive integer, got {value}")
+    accelerate_config = None
+    if args.accelerate_config is not None:
+        accelerate_config = Path(args.accelerate_config).resolve()
+        if not accelerate_config.is_file():
+            raise UsageError(f"--accelerate_config {args.accelerate_config}: no such file (see configs/accelerate/fsdp.yaml)")
+        commands.accelerate_processes(accelerate_config)  # a malformed file stops here, in one line
     if args.table:
         if config:
             raise UsageError("give a config or --table, not both")
         runs_dir = Path(args.runs_dir or ROOT / "runs" / Path(args.table).name).resolve()
-        cells = sweep_cells(args.table, parse_seeds(args.seeds), args.methods.split(","), runs_dir, flags)
+        cells = sweep_cells(args.table, parse_seeds(args.seeds), args.methods.split(","), runs_dir, flags, accelerate_config)
         if args.launcher != "local":
             submit_slurm(cells, runs_dir, args)
             return
@@ -282,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError("--launcher and --parallel apply to --table sweeps")
     nproc = args.nproc or max(1, visible_gpus())
     if config:
-        single(Path(config).resolve(), flags, args.runs_dir, nproc)
-    elif flags:
-        refuse_demo_flags(flags)
+        single(Path(config).resolve(), flags, args.runs_dir, nproc, accelerate_config)
+    elif flags or accelerate_config:
+        refuse_demo_flags(flags or ["--accelerate_config"])
     else:
         demo(Path(args.runs_dir or ROOT / "runs/demo").resolve(), nproc)
 

@@ -35,6 +35,7 @@ from ..distributed import release_training_wrapper
 from ..layers import lora_layers
 from ..pruning import PruneReport, check_prune_arguments, prune
 from ..rewind import init_state_dict, load_init_state_dict
+from ..sharded import check_sharded_options, fsdp_requested, prune_through_files, prunes_from_files
 from ..sensitivity import SensitivityCallback, restore_sensitivity
 from ..stages import Stage, lorpa_stages, prune_files, stage_prune_kwargs
 from ..tolerance import prune_to_tolerance
@@ -232,6 +233,9 @@ def train_stages(
         prune_report = None
         if method_args.method == "lorpa":
             try:
+                if fsdp_requested(training_args):
+                    check_sharded_options(score=method_args.prune_score, rewind=method_args.rewind,
+                                          calibrates=method_args.calibrates, tolerance=method_args.prune_tolerance)
                 check_prune_arguments(model, **search_kwargs(prune_kwargs, method_args), calibrated=False)
             except ValueError as error:
                 raise UsageError(str(error)) from error
@@ -274,23 +278,29 @@ def train_stages(
 
         if stage.prunes:
             stage1_ranks = stage1_ranks or adapter_ranks(model)
-            tokens = None
-            if method_args.calibrates:
-                batches = trainer_batches(trainer, method_args.calibration_batches, calibration_tokens_wanted(model))
-                tokens = calibrate(model, batches, tokens=method_args.calibration_tokens)
-            search = None
-            if method_args.prune_tolerance is None:
-                prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
+            adapter_dir, report_file = prune_files(stages, index)
+            tokens = search = None
+            if prunes_from_files(trainer):  # sharded: prune the saved adapter, then load it on a fresh model
+                prune_report = prune_through_files(trainer, stage_args.output_dir, Path(output_dir, adapter_dir),
+                                                   stage_prune_kwargs(prune_kwargs, stage))
+                del trainer
+                model = load_pruned_adapter(load_model, output_dir, stages, index + 1)
+                trainer = make_trainer(model, stage_args)
             else:
-                options = {k: v for k, v in search_kwargs(prune_kwargs, method_args).items() if k not in ("total_rank", "scope")}
-                prune_report, search = prune_to_tolerance(model, lambda _: selection_score(trainer),
-                                                          method_args.prune_tolerance, **options)
-                sys.stdout.write(tolerance_summary(search) + "\n")
+                if method_args.calibrates:
+                    batches = trainer_batches(trainer, method_args.calibration_batches, calibration_tokens_wanted(model))
+                    tokens = calibrate(model, batches, tokens=method_args.calibration_tokens)
+                if method_args.prune_tolerance is None:
+                    prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
+                else:
+                    options = {k: v for k, v in search_kwargs(prune_kwargs, method_args).items() if k not in ("total_rank", "scope")}
+                    prune_report, search = prune_to_tolerance(model, lambda _: selection_score(trainer),
+                                                              method_args.prune_tolerance, **options)
+                    sys.stdout.write(tolerance_summary(search) + "\n")
+                trainer.save_model(str(Path(output_dir, adapter_dir)))
             # One write per line: replicas share stdout, and print's separate newline write interleaves.
             sys.stdout.write(pruning_summary(prune_report, trainer.args.process_index) + "\n")
             sys.stdout.flush()
-            adapter_dir, report_file = prune_files(stages, index)
-            trainer.save_model(str(Path(output_dir, adapter_dir)))
             next_args = dataclasses.replace(stage_args, output_dir=str(Path(output_dir, stages[index + 1].name)))
             after = _metrics(make_trainer(model, next_args).evaluate())
             summary["prune"] = {

@@ -34,6 +34,7 @@ class Cell:
     output_dir: Path
     flags: list[str] = field(default_factory=list)
     stage1_from: Path | None = None  # a LoRA cell's output folder whose run is this cell's stage 1 (sweep/reuse.py)
+    accelerate_config: Path | None = None  # run through `accelerate launch --config_file` (e.g. FSDP)
 
     @property
     def log(self) -> Path:
@@ -58,7 +59,7 @@ def start_command(cell: Cell, nproc: int) -> list[str]:
         flags += ["--overwrite_output_dir", "true"]  # our own folder: at most a log and unfinished files
         if cell.stage1_ready():
             flags += ["--stage1_adapter", str(cell.stage1_from)]
-    return commands.command_for(cell.config, flags, nproc)
+    return commands.command_for(cell.config, flags, nproc, cell.accelerate_config)
 
 
 def _stamp() -> str:
@@ -96,7 +97,8 @@ def start(cell: Cell, nproc: int, env: dict | None = None, echo: bool = False, c
 def write_manifest(runs_dir: Path, cells: list[Cell]) -> None:
     """The sweep's planned cells, so that `lorpa.report` can say which are not finished yet."""
     entries = [{**asdict(cell), "config": str(cell.config), "output_dir": _relative(cell.output_dir, runs_dir),
-                "stage1_from": None if cell.stage1_from is None else _relative(cell.stage1_from, runs_dir)}
+                "stage1_from": None if cell.stage1_from is None else _relative(cell.stage1_from, runs_dir),
+                "accelerate_config": None if cell.accelerate_config is None else str(cell.accelerate_config)}
                for cell in cells]
     write_json_atomic(runs_dir / MANIFEST_FILE, {"cells": entries})
 
@@ -112,4 +114,5 @@ def read_manifest(runs_dir: Path) -> list[Cell]:
         return []
     entries = json.loads(path.read_text())["cells"]
     return [Cell(e["name"], Path(e["config"]), runs_dir / e["output_dir"], e.get("flags", []),
-                 None if e.get("stage1_from") is None else runs_dir / e["stage1_from"]) for e in entries]
+                 None if e.get("stage1_from") is None else runs_dir / e["stage1_from"],
+                 None if e.get("accelerate_config") is None else Path(e["accelerate_config"])) for e in entries]
