@@ -44,24 +44,28 @@ SHAPES = {
         "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
         "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096),
     }),
+    "tiny": dict(layers=1, modules={  # LLaMA's seven projections at a size that prunes in milliseconds (a check, not a figure)
+        "q_proj": (512, 512), "k_proj": (512, 512), "v_proj": (512, 512), "o_proj": (512, 512),
+        "gate_proj": (512, 1024), "up_proj": (512, 1024), "down_proj": (1024, 512),
+    }),
 }
 
 
 class FrozenLinear(nn.Linear):
     """A linear layer of the given shape whose weight takes no memory (pruning never reads it)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, device="cpu"):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.zeros(1).expand(out_features, in_features), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(1, device=device).expand(out_features, in_features), requires_grad=False)
         self.bias = None
 
 
 class Stack(nn.Module):
-    def __init__(self, layers: int, modules: dict[str, tuple[int, int]]):
+    def __init__(self, layers: int, modules: dict[str, tuple[int, int]], device="cpu"):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleDict({name: FrozenLinear(i, o) for name, (i, o) in modules.items()}) for _ in range(layers)
+            nn.ModuleDict({name: FrozenLinear(i, o, device) for name, (i, o) in modules.items()}) for _ in range(layers)
         )
 
 
@@ -83,10 +87,18 @@ def authors_prune(model, target_rank: int, adapter_name: str = "default") -> dic
     return kept_sets
 
 
-def build(shape: str, targets: list[str]):
+def build(shape: str, targets: list[str], device="cpu", layers: int | None = None):
+    """The shape's adapter at r0 (peft puts the factors on the frozen weights' device); `layers` keeps the first few."""
     torch.manual_seed(0)
     config = LoraConfig(r=R0, lora_alpha=R0, target_modules=targets, init_lora_weights=False)
-    return get_peft_model(Stack(**SHAPES[shape]), config)
+    spec = dict(SHAPES[shape], **({} if layers is None else {"layers": layers}))
+    return get_peft_model(Stack(**spec, device=device), config)
+
+
+def synchronize(model) -> None:
+    """Wait for the GPU (a no-op on CPU), so that a timer measures the work and not its launch."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
 
 
 def time_variants(model, variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, dict]]:
@@ -96,8 +108,10 @@ def time_variants(model, variants: dict, repeats: int) -> tuple[dict[str, float]
     for _ in range(repeats):
         for name, fn in variants.items():
             fresh = copy.deepcopy(model, memo=dict(frozen))
+            synchronize(fresh)
             start = time.perf_counter()
             kept[name] = fn(fresh)
+            synchronize(fresh)
             times[name].append(time.perf_counter() - start)
             del fresh
     return {name: statistics.median(values) for name, values in times.items()}, kept
@@ -108,14 +122,15 @@ def lorpa_kept(score: str):
 
 
 def without_error_measure(m):
-    """lorpa.prune magnitude with the report's relative_error (two r0 x r0 Gram matrices per module,
-    which the authors' code does not compute) replaced by 0: what choosing and cutting alone cost."""
-    measure = lorpa.pruning.relative_error
-    lorpa.pruning.relative_error = lambda before, after: 0.0
+    """lorpa.prune magnitude with the report's relative_error (the r0 x r0 Gram matrices of A and B per
+    module, which the authors' code does not compute) left out: what choosing and cutting alone cost."""
+    gram, error = lorpa.pruning.weight_gram, lorpa.pruning.kept_error
+    lorpa.pruning.weight_gram = lambda lora_A, lora_B: torch.zeros(1)
+    lorpa.pruning.kept_error = lambda *args: 0.0
     try:
         return lorpa_kept("magnitude")(m)
     finally:
-        lorpa.pruning.relative_error = measure
+        lorpa.pruning.weight_gram, lorpa.pruning.kept_error = gram, error
 
 
 def tied_modules(model) -> int:
