@@ -117,43 +117,46 @@ def _choose_global(scores: dict[str, torch.Tensor], budget: Budget) -> dict[str,
 
     Each module first keeps its reserved blocks (min_rank); the other blocks are ranked together by their
     summed scores (by their summed squared scores for an energy budget) and taken while the budget lasts,
-    every module's blocks in order and never past max_rank.
+    every module's blocks in order and never past max_rank. Block sums come from one cumulative sum per
+    module, so the greedy walk itself is plain Python over numbers.
     """
-    step = budget.rank_multiple
-    orders = {name: torch.sort(values, descending=True, stable=True).indices for name, values in scores.items()}
-    kept = {name: [] for name in scores}
-    candidates = []  # (value, module position, block index, component indices)
+    step, energy_budget = budget.rank_multiple, budget.energy is not None
+    orders, candidates, kept, held_components, held_energy = {}, [], {}, 0, 0.0
     for position, (name, values) in enumerate(scores.items()):
         lower, upper = budget.bounds(len(values))
-        order = orders[name][:upper]
-        blocks = [order[start : start + step] for start in range(0, len(order), step)]
-        reserved = -(-lower // step)
-        for index, block in enumerate(blocks):
-            if index < reserved:
-                kept[name].append(block)
-                continue
-            picked = values[block].double()
-            value = float(picked.square().sum() if budget.energy is not None else picked.sum())
-            candidates.append((value, position, index, name, block))
-    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
-    names = list(scores)
-    if budget.energy is not None:
-        total = sum(float(values.double().square().sum()) for values in scores.values())
-        goal, held = budget.energy * total, sum(float(scores[n][b].double().square().sum()) for n in kept for b in kept[n])
+        order = torch.sort(values, descending=True, stable=True).indices[:upper]
+        orders[name] = order
+        ordered = values[order].double()
+        edges = list(range(0, len(order), step)) + [len(order)]
+        sums = torch.cumsum(torch.cat([ordered.new_zeros(1), ordered]), 0)
+        squares = torch.cumsum(torch.cat([ordered.new_zeros(1), ordered.square()]), 0)
+        block_sums = (sums[edges[1:]] - sums[edges[:-1]]).tolist()
+        block_energies = (squares[edges[1:]] - squares[edges[:-1]]).tolist()
+        reserved = min(-(-lower // step), len(block_sums))
+        kept[name] = edges[reserved]  # components taken so far: always a prefix of `order`
+        held_components += edges[reserved]
+        held_energy += float(squares[edges[reserved]])
+        for index in range(reserved, len(block_sums)):
+            value = block_energies[index] if energy_budget else block_sums[index]
+            candidates.append((-value, position, index, name, edges[index + 1] - edges[index], block_energies[index]))
+    candidates.sort(key=lambda c: c[:3])
+    if energy_budget:
+        goal = budget.energy * sum(float(values.double().square().sum()) for values in scores.values())
     else:
-        goal, held = _component_budget(scores, budget), sum(len(b) for n in kept for b in kept[n])
-        if goal < held:
-            raise ValueError(f"a budget of {goal} components cannot give every module its min_rank ({held} in all)")
-    next_block = {name: len(kept[name]) for name in names}
-    for value, _, index, name, block in candidates:
-        if (held >= goal - 1e-12 * abs(goal)) if budget.energy is not None else held >= goal:
+        goal = _component_budget(scores, budget)
+        if goal < held_components:
+            raise ValueError(f"a budget of {goal} components cannot give every module its min_rank ({held_components} in all)")
+    next_block = {name: -(-kept[name] // step) if kept[name] else 0 for name in scores}
+    for _, _, index, name, size, energy in candidates:
+        if (held_energy >= goal - 1e-12 * abs(goal)) if energy_budget else held_components >= goal:
             break
-        if index != next_block[name] or (budget.energy is None and held + len(block) > goal):
+        if index != next_block[name] or (not energy_budget and held_components + size > goal):
             continue
-        kept[name].append(block)
+        kept[name] += size
         next_block[name] += 1
-        held += float(scores[name][block].double().square().sum()) if budget.energy is not None else len(block)
-    return {name: torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long) for name, blocks in kept.items()}
+        held_components += size
+        held_energy += energy
+    return {name: orders[name][: kept[name]] for name in scores}
 
 
 def _component_budget(scores: dict[str, torch.Tensor], budget: Budget) -> int:

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN_SCRIPTS = ("run_glue.py", "run_summarization.py", "run_clm.py")
 PATH = re.compile(r"\b(?:configs|scripts|benchmarks)/[A-Za-z0-9_.\-/]*[A-Za-z0-9_\-/]")
-# Flags of other tools the pages show (vLLM, SLURM and submitit, torchrun, pip).
+# Flags of other tools the pages show (vLLM, SLURM and submitit, torchrun, pip, accelerate).
 EXTERNAL_FLAGS = {"--enable-lora", "--max-lora-rank", "--max-loras", "--lora-modules", "--signal", "--dependency",
-                  "--array", "--nproc_per_node", "--standalone", "--no-deps"}
+                  "--array", "--nproc_per_node", "--standalone", "--no-deps", "--config_file"}
 
 
 @cache
@@ -122,7 +122,7 @@ def problems(text: str) -> list[str]:
 
 
 # The `python -m lorpa.X` commands users run.
-LORPA_COMMANDS = ("prune_adapter", "report", "tasks.demo_data")
+LORPA_COMMANDS = ("prune_adapter", "report", "inspect", "check_adapter", "tasks.demo_data")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())

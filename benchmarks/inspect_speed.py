@@ -1,0 +1,63 @@
+"""Time `python -m lorpa.inspect` on a LLaMA-2-7B-shaped all-linear adapter at r = 64, against reading its files.
+
+The adapter (224 modules, random A and B, written by `benchmarks/prune_adapter.py`'s writer) has no base model:
+`inspect` needs none. Its reference is the floor any spectrum tool pays, reading every byte of the file; the
+rest is one module's QR and r × r SVD at a time, and the budgets over all modules. Variants interleave in this
+process, the first round (it warms the page cache) is dropped, medians of --repeats.
+
+    python benchmarks/inspect_speed.py [--dtype fp32|bf16] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from prune_adapter import DTYPES, module_shapes, write_adapter
+
+from lorpa.inspect import inspect_adapter
+from lorpa.prune_adapter import SAFETENSORS_FILE
+
+
+def read_files(adapter: Path) -> None:
+    """Every byte of the weights file into memory: the I/O any tool that looks at each tensor pays."""
+    (adapter / SAFETENSORS_FILE).read_bytes()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--r", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        adapter = Path(root) / "adapter"
+        adapter.mkdir()
+        parameters = write_adapter(adapter, args)
+        size = (adapter / SAFETENSORS_FILE).stat().st_size / 2**20
+        print(f"adapter: {len(list(module_shapes(args.layers, args.hidden, args.intermediate)))} modules, r={args.r}, "
+              f"{parameters / 1e6:.0f}M parameters, {args.dtype}, {size:.0f} MiB; threads=1, median of {args.repeats} "
+              "interleaved runs after one dropped warm-up round")
+        variants = {"lorpa.inspect": lambda: inspect_adapter(adapter), "read the weights file": lambda: read_files(adapter)}
+        times = {name: [] for name in variants}
+        for _ in range(args.repeats + 1):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        floor = statistics.median(times["read the weights file"][1:])
+        for name, values in times.items():
+            median = statistics.median(values[1:])
+            print(f"  {name:<44}{median:8.2f} s  {median / floor:6.2f}x reading the files")
+
+
+if __name__ == "__main__":
+    main()
