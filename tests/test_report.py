@@ -324,3 +324,21 @@ def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp
     prune_line = next(line for line in out.split("What the last prune kept")[1].splitlines() if line.startswith("| LoRPA"))
     cells = [cell.strip() for cell in prune_line.split("|")]
     assert cells[2] == "0.200" and cells[3] == "0.075" and cells[4] == "60.0"  # output error: mean of the calibrated seeds
+
+
+def test_the_rank_curve_draws_one_line_per_method_through_its_ranks(tmp_path, capsys):
+    from lorpa.harness.report import family
+
+    assert family("LoRPA 64→8 (svd, prune at 100%)") == "LoRPA 64→k (svd, prune at 100%)"
+    assert family("LoRA r=16") == "LoRA r=k" and family("LoRPA 64→energy 0.9 (svd)") == "LoRPA 64→energy 0.9 (svd)"
+    for rank, value in ((2, 0.70), (4, 0.75), (8, 0.80)):
+        for seed in range(2):
+            data = record("lora", "mrpc", seed, value + 0.01 * seed, 1000 * rank + 500, dict.fromkeys(MODULES, rank), lora_r=rank)
+            data["head_params"] = 500
+            write(tmp_path / f"lora{rank}-{seed}", data)
+    png = tmp_path / "curve.png"
+    assert run_cli(main, [str(tmp_path), "--curve", str(png), "--curve_reference", "LoRA r=8"]) == 0
+    assert f"rank curve: {png}" in capsys.readouterr().out
+    assert matplotlib.image.imread(png).shape[2] in (3, 4)
+    assert run_cli(main, [str(tmp_path), "--curve", str(png), "--curve_rows", "AdaLoRA r=k"]) == 2
+    assert "no row family with two ranks or more among --curve_rows" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -24,6 +25,7 @@ from urllib.parse import quote
 
 from ..cli import UsageError
 from ..stages import PRUNE_REPORT_FILE
+from .curves import plot_rank_curve
 from .plots import plot_prune_report
 from .results import RESULTS_FILE
 from .study import paired_table, prune_table
@@ -464,6 +466,24 @@ def study_sections(table: Table, body: list[dict], paired: list[str]) -> list[st
     return lines + prune_table(table, labels, _after_prune_values, decimals)
 
 
+def family(label: str) -> str:
+    """The row label with its rank budget as k (`LoRA r=k`, `LoRPA 64→k (svd, prune at 100%)`): one line of a rank curve."""
+    return re.sub(r"(r=|→)\d+(\.\d+)?", r"\1k", label)
+
+
+def rank_curves(table: Table, body: list[dict], families: list[str] | None) -> dict[str, dict[str, list[tuple]]]:
+    """{family: {column: [(adapter parameters without the head, mean, std), ...]}} for the families asked for
+    (default: every family with at least two budgets)."""
+    curves: dict[str, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+    for row in body:
+        if row["params_without_head"] is None:
+            continue
+        for column, value in row["cells"].items():
+            curves[family(row["label"])][column].append((row["params_without_head"], value.mean, value.std or 0.0))
+    wanted = families if families else [name for name, columns in curves.items() if max(map(len, columns.values())) > 1]
+    return {name: dict(curves[name]) for name in wanted if name in curves}
+
+
 def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: Path, stat: str = "mean",
              unfinished: list[str] | None = None, paired: list[str] | None = None) -> str:
     lines = []
@@ -509,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how seeds are combined: mean (AdaLoRA's convention) or median (LoRA's)")
     parser.add_argument("--paired", nargs="+", default=[], metavar="ROW",
                         help='rows to compare every other row with, seed by seed (e.g. "LoRA r=8" "LoRA r=64")')
+    parser.add_argument("--curve", type=Path, default=None, metavar="PNG",
+                        help="also plot the rank curve (score against adapter parameters, one line per method) of the "
+                             "first table into this PNG")
+    parser.add_argument("--curve_rows", nargs="+", default=None, metavar="FAMILY",
+                        help='the lines of --curve, as row labels with the rank as k (e.g. "LoRA r=k" '
+                             '"LoRPA 64→k (svd, prune at 100%%)"); default: every row family with two ranks or more')
+    parser.add_argument("--curve_reference", default=None, metavar="ROW",
+                        help="a row drawn as a dashed level on every panel of --curve (e.g. \"LoRA r=64\")")
     return parser
 
 
@@ -561,3 +589,10 @@ def main(argv: list[str] | None = None) -> None:
     md_path.write_text(text)
     write_csv(csv_path, tables, rows, args.stat)
     print(text, end="")
+    if args.curve is not None:
+        lines = rank_curves(tables[0], rows[0], args.curve_rows)
+        if not lines:
+            raise UsageError(f"--curve: no row family with two ranks or more{' among --curve_rows' if args.curve_rows else ''}")
+        reference = {row["label"]: {c: v.mean for c, v in row["cells"].items()} for row in rows[0]
+                     if row["label"] == args.curve_reference}
+        print(f"rank curve: {plot_rank_curve(lines, tables[0].columns, args.curve, reference)}")
