@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from prune_adapter import DTYPES, module_shapes, write_adapter
+from prune_adapter import adapter_arguments, module_shapes, write_adapter
 
 from lorpa.inspect import inspect_adapter
 from lorpa.prune_adapter import SAFETENSORS_FILE
@@ -30,11 +30,7 @@ def read_files(adapter: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--r", type=int, default=64)
+    adapter_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -100,13 +100,18 @@ def measure_memory(variant: str, adapter: Path, args) -> float:
     return value
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shape of the LLaMA-2-7B-like adapter `write_adapter` writes (shared with inspect_speed.py)."""
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--r", type=int, default=64)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    adapter_arguments(parser)
     parser.add_argument("--target_rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory_runs", type=int, default=3)
