@@ -65,7 +65,7 @@ def fake_runs(monkeypatch):
     """Every run command replaced by one that writes an empty results.json; records (config, flags) and reports."""
     calls = {"runs": [], "reports": []}
 
-    def command_for(config, flags, nproc):
+    def command_for(config, flags, nproc, accelerate_config=None):
         calls["runs"].append((Path(config), flags))
         output_dir = flags[flags.index("--output_dir") + 1]
         return [sys.executable, "-c", f"import pathlib; pathlib.Path({output_dir!r}, 'results.json').write_text('{{}}')"]
