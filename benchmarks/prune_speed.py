@@ -17,6 +17,11 @@ The singular-basis prune (`score="svd"`) is timed against peft's `convert_to_lor
 a peft user would run on a trained adapter: it forms each out x in update and takes its full SVD,
 where `lorpa.prune` works on the r0-sized factors. Both must keep the same update (checked).
 
+The output-space prune (`score="activation"`) is timed beside svd on the same adapters, with a recorded
+calibration G per module (its values do not change the cost), and its calibration pass, which needs a
+real forward, on a RoBERTa-base-shaped model (LoRA r0 on query/value, random weights, 8 batches of
+16 x 128 tokens) against a plain forward of the same batches.
+
 The adapters sit on linear layers whose frozen weights are zero-stride views of one element (pruning
 never reads them), so the LLaMA shape needs no 26 GB backbone; the adapters alone hold about 2.5 GB.
 
@@ -36,6 +41,7 @@ from peft import LoraConfig, convert_to_lora, get_peft_model
 from torch import nn
 
 import lorpa
+from lorpa.calibration import CALIBRATION_ATTR, LayerCalibration
 
 R0, TARGET = 256, 8
 SHAPES = {
@@ -173,6 +179,52 @@ def lorpa_svd(model) -> dict[str, torch.Tensor]:
     return {name: layer.get_delta_weight("default").detach() for name, layer in lorpa.lora_layers(model).items()}
 
 
+def with_calibration(model) -> None:
+    """A recorded G on every LoRA layer, as `lorpa.calibrate` leaves it (random positive semi-definite: the cost
+    of the truncation does not depend on it)."""
+    generator = torch.Generator().manual_seed(0)
+    for layer in lorpa.lora_layers(model).values():
+        z = torch.randn(R0, 2 * R0, generator=generator, dtype=torch.float64).to(layer.lora_A["default"].weight.device)
+        layer.__dict__.setdefault(CALIBRATION_ATTR, {})["default"] = LayerCalibration(z @ z.t(), 2 * R0)
+
+
+def compare_output_space(title: str, model, repeats: int) -> None:
+    with_calibration(model)
+    medians, _ = time_variants(model, {"lorpa.prune svd": lorpa_kept("svd"), "lorpa.prune activation": lorpa_kept("activation")},
+                               repeats)
+    print(f"\n{title}: {len(lorpa.lora_layers(model))} modules, r0={R0} -> {TARGET}, singular basis against output basis")
+    for name, seconds in medians.items():
+        print(f"  {name:<42}{seconds * 1000:9.1f} ms  {seconds / medians['lorpa.prune svd']:6.2f}x svd's time")
+
+
+def compare_calibration(repeats: int, batches: int = 8, batch_size: int = 16, length: int = 128) -> None:
+    """The calibration pass against a plain forward of the same batches, on a RoBERTa-base shape with LoRA r0."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = RobertaForSequenceClassification(RobertaConfig(vocab_size=50265, max_position_embeddings=514, num_labels=2))
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=R0, lora_alpha=R0, target_modules=["query", "value"])).eval()
+    generator = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(3, 50000, (batch_size, length), generator=generator),
+             "attention_mask": torch.ones(batch_size, length, dtype=torch.long)} for _ in range(batches)]
+
+    def forward():
+        with torch.no_grad():
+            for batch in data:
+                model(**batch)
+
+    times = {"plain forward": [], "lorpa.calibrate": []}
+    for _ in range(repeats):
+        for name, run in (("plain forward", forward), ("lorpa.calibrate", lambda: lorpa.calibrate(model, data))):
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\ncalibration pass, RoBERTa-base shape, LoRA r0={R0} on query/value, {batches} batches of {batch_size}x{length}:")
+    for name, seconds in medians.items():
+        print(f"  {name:<42}{seconds * 1000:9.1f} ms  {seconds / medians['plain forward']:6.2f}x a plain forward")
+
+
 def compare_svd(title: str, model, repeats: int) -> None:
     medians, deltas = time_variants(model, {"peft convert_to_lora": peft_svd, "lorpa.prune svd": lorpa_svd}, repeats)
     ours, theirs = deltas["lorpa.prune svd"], deltas["peft convert_to_lora"]
@@ -201,6 +253,8 @@ def main():
         compare("RoBERTa-large shape, query/value", roberta, args.repeats)
         if args.svd_repeats:
             compare_svd("RoBERTa-large shape, query/value", roberta, args.svd_repeats)
+        compare_output_space("RoBERTa-large shape, query/value", roberta, args.repeats)
+        compare_calibration(args.repeats)
     if "llama-7b" in args.shapes:
         square = ["q_proj", "k_proj", "v_proj", "o_proj"]
         compare("LLaMA-7B shape, square attention modules q/k/v/o", build("llama-7b", square), args.repeats)
@@ -209,6 +263,7 @@ def main():
         print(f"\nLLaMA-7B shape, all linear layers: {len(kept['lorpa.prune magnitude'])} modules, r0={R0} -> {TARGET}")
         print(f"  {'lorpa.prune magnitude':<28}{medians['lorpa.prune magnitude'] * 1000:9.1f} ms  "
               "(the authors' score and lorpa's elementwise are undefined on the 96 non-square modules)")
+        compare_output_space("LLaMA-7B shape, all linear layers", everything, args.repeats)
 
 
 if __name__ == "__main__":
