@@ -455,6 +455,15 @@ def test_a_prune_through_the_adapter_files_as_under_fsdp_ends_where_the_prune_in
     assert sharded["metrics"]["loss"] == pytest.approx(memory["metrics"]["loss"], rel=1e-5)
     assert (through_files / "stage1/adapter/adapter_model.safetensors").is_file()
 
+    resumed = tmp_path / "resumed"  # a stage-2 checkpoint of a run pruned through files resumes as any other
+    checkpointed = (*extra, "--save_strategy", "epoch", "--save_total_limit", "3")
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", resumed, *checkpointed, files=files))
+    (checkpoint,) = sorted((resumed / "stage2").glob("checkpoint-*"))[:1]
+    (resumed / "results.json").unlink()
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", resumed, *checkpointed, "--resume_from_checkpoint", str(checkpoint),
+                           files=files))
+    assert read_results(resumed)["metrics"]["loss"] == pytest.approx(sharded["metrics"]["loss"], rel=1e-5)
+
 
 def test_fsdp_refuses_the_options_a_prune_through_files_cannot_honour(model_dir, tmp_path, capsys, earlier_output,
                                                                       monkeypatch):
