@@ -199,6 +199,10 @@ def test_parameter_counts_read_like_the_paper(count, text):
       "prune": {"score": "activation", "scope": "global", "rewind": "none", "global_norm": "relative"},
       "config": {"stage1_ratio": 1.0, "stage2_steps": 15, "calibration_batches": 8}},
      "LoRPA 64→2 (global, activation, relative norm, prune at 100%, 15 retraining steps)"),
+    ({"method": "lora", "ranks": {"a": 64}, "config": {"training": {"max_steps": 175}}}, "LoRA r=64 (175 steps)"),
+    ({"method": "lorpa", "stage1_ranks": {"a": 64}, "ranks": {"a": 5}, "prune": {"score": "svd", "scope": "global", "rewind": "none"},
+      "config": {"prune_tolerance": 0.5, "stage1_ratio": 1.0, "selection_split_percentage": 10, "training": {"max_steps": -1}}},
+     "LoRPA 64→tolerance 0.5 (global, svd, prune at 100%, 10% held out)"),
 ])
 def test_row_labels_name_method_and_rank_budget(fields, label):
     assert row_label(fields)[1] == label

@@ -121,12 +121,34 @@ def _schedule_notes(config: dict) -> list[str]:
     return notes
 
 
+def _budget_notes(config: dict) -> list[str]:
+    """What sets a run's data or step budget apart from the table's usual one, for any method."""
+    notes = []
+    steps = (config.get("training") or {}).get("max_steps")
+    if _number(steps) and steps > 0:
+        notes.append(f"{steps:g} steps")
+    if _number(config.get("selection_split_percentage")) and config["selection_split_percentage"] > 0:
+        notes.append(f"{config['selection_split_percentage']:g}% held out")
+    return notes
+
+
 def row_label(record: dict) -> tuple[tuple, str]:
     """(sort key, label) of the table row: method plus the rank budget that tells runs apart.
 
     LoRPA shows stage-1 rank → mean surviving rank (the target in both scopes), with the scope when
-    global and the score / rewind when they are not the paper's, so ablations never share a row.
+    global and the score / rewind when they are not the paper's, so ablations never share a row; any
+    method notes a step budget or a held-out selection split.
     """
+    key, label = _method_label(record)
+    notes = _budget_notes(record.get("config") or {})
+    if not notes:
+        return key, label
+    if label.endswith(")"):
+        return (*key, tuple(notes)), f"{label[:-1]}, {', '.join(notes)})"
+    return (*key, tuple(notes)), f"{label} ({', '.join(notes)})"
+
+
+def _method_label(record: dict) -> tuple[tuple, str]:
     method, config = record["method"], record.get("config") or {}
     order = METHOD_ORDER.get(method, len(METHOD_ORDER))
     if method == "full":
