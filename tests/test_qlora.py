@@ -53,6 +53,23 @@ def test_a_quantised_base_is_pruned_in_memory_and_reloads_with_plain_peft(llama_
         assert torch.equal(reloaded(input_ids=inputs).logits, before)
 
 
+def test_train_two_stage_runs_both_stages_on_a_4bit_base(llama_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = lorpa.get_peft_model(quantised(llama_dir, "4bit"), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
+                                                                         target_modules="all-linear"))
+    ids = torch.randint(3, 100, (8, 12), generator=torch.Generator().manual_seed(3)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
+                             save_strategy="no", disable_tqdm=True, use_cpu=True)
+    result = lorpa.train_two_stage(model, lambda m, a: Trainer(model=m, args=a, train_dataset=data), args,
+                                   stage1_ratio=0.5, target_rank=2, score="svd")
+    assert result.trainer.state.global_step == 2 and set(result.prune_report.ranks.values()) == {2}
+    trained = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert trained and all(p.requires_grad for p in trained)
+
+
 def test_run_clm_trains_both_stages_on_a_4bit_base_resumes_mid_stage_2_and_merges_dequantised(llama_dir, data_files, tmp_path,
                                                                                               capsys, monkeypatch):
     # On CPUs with AVX-512 BF16, bitsandbytes repacks a 4-bit weight for a faster kernel at its first inference
