@@ -184,6 +184,21 @@ def search_kwargs(prune_kwargs: dict, method_args: MethodArguments) -> dict:
     return {**prune_kwargs, "target_rank": None, "ratio": None, "energy": None, "total_rank": 1, "scope": "global"}
 
 
+def prune_in_memory(model, trainer: Trainer, method_args: MethodArguments, prune_kwargs: dict, selection_score):
+    """Calibrate when the prune asks for it, then prune `model` in place, or search the smallest budget within
+    --prune_tolerance: (prune report, tokens calibrated or None, tolerance search or None)."""
+    tokens = search = None
+    if method_args.calibrates:
+        batches = trainer_batches(trainer, method_args.calibration_batches, calibration_tokens_wanted(model))
+        tokens = calibrate(model, batches, tokens=method_args.calibration_tokens)
+    if method_args.prune_tolerance is None:
+        return prune(model, **prune_kwargs), tokens, search
+    options = {k: v for k, v in search_kwargs(prune_kwargs, method_args).items() if k not in ("total_rank", "scope")}
+    report, search = prune_to_tolerance(model, lambda _: selection_score(trainer), method_args.prune_tolerance, **options)
+    sys.stdout.write(tolerance_summary(search) + "\n")
+    return report, tokens, search
+
+
 def tolerance_summary(search) -> str:
     kept = next((c for c in search.candidates if c.total_rank == search.kept), None)
     where = "unpruned" if kept is None else f"{kept.parameters} parameters, {kept.score:.2f} points"
@@ -287,16 +302,8 @@ def train_stages(
                 model = load_pruned_adapter(load_model, output_dir, stages, index + 1)
                 trainer = make_trainer(model, stage_args)
             else:
-                if method_args.calibrates:
-                    batches = trainer_batches(trainer, method_args.calibration_batches, calibration_tokens_wanted(model))
-                    tokens = calibrate(model, batches, tokens=method_args.calibration_tokens)
-                if method_args.prune_tolerance is None:
-                    prune_report = prune(model, **stage_prune_kwargs(prune_kwargs, stage))
-                else:
-                    options = {k: v for k, v in search_kwargs(prune_kwargs, method_args).items() if k not in ("total_rank", "scope")}
-                    prune_report, search = prune_to_tolerance(model, lambda _: selection_score(trainer),
-                                                              method_args.prune_tolerance, **options)
-                    sys.stdout.write(tolerance_summary(search) + "\n")
+                prune_report, tokens, search = prune_in_memory(model, trainer, method_args,
+                                                               stage_prune_kwargs(prune_kwargs, stage), selection_score)
                 trainer.save_model(str(Path(output_dir, adapter_dir)))
             # One write per line: replicas share stdout, and print's separate newline write interleaves.
             sys.stdout.write(pruning_summary(prune_report, trainer.args.process_index) + "\n")
