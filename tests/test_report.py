@@ -346,3 +346,33 @@ def test_the_rank_curve_draws_one_line_per_method_through_its_ranks(tmp_path, ca
     assert matplotlib.image.imread(png).shape[2] in (3, 4)
     assert run_cli(main, [str(tmp_path), "--curve", str(png), "--curve_rows", "AdaLoRA r=k"]) == 2
     assert "no row family with two ranks or more among --curve_rows" in capsys.readouterr().err
+
+
+def test_the_adapter_column_counts_the_saved_lora_factors_and_the_curve_uses_it(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from lorpa.harness.report import build_tables, collect_runs, rank_curves, table_rows
+
+    for rank in (2, 4):
+        data = record("lora", "mrpc", 0, 0.7 + rank / 100, 99_000, dict.fromkeys(MODULES, rank), lora_r=rank)
+        data["head_params"] = 500
+        folder = tmp_path / f"lora{rank}"
+        write(folder, data)
+        tensors = {f"base_model.model.{name}.lora_{part}.weight": torch.zeros(shape)
+                   for name in MODULES for part, shape in (("A", (rank, 16)), ("B", (24, rank)))}
+        tensors["base_model.model.classifier.modules_to_save.dense.weight"] = torch.zeros(7, 7)  # not LoRA: not counted
+        save_file(tensors, folder / "adapter_model.safetensors")
+    (tmp_path / "lora2" / "adapter_model.safetensors").rename(tmp_path / "lora2" / "kept.safetensors")
+    assert run_cli(main, [str(tmp_path)]) == 0
+    header, _, *body = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")][:4]
+    assert "| Adapter |" in header
+    cells = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:]] for line in body}
+    assert cells["LoRA r=4"][2] == format_params(4 * 4 * (16 + 24)) == "640" and cells["LoRA r=2"][2] == ""
+    with (tmp_path / "summary.csv").open() as stream:
+        sizes = {row["method"]: row["adapter_params"] for row in csv.DictReader(stream)}
+    assert sizes == {"LoRA r=2": "", "LoRA r=4": "640.0"}
+    (tmp_path / "lora2" / "kept.safetensors").rename(tmp_path / "lora2" / "adapter_model.safetensors")
+    table = build_tables(collect_runs(tmp_path, "best"))[0]
+    curve = rank_curves(table, table_rows(table), None)["LoRA r=k"]["MRPC"]
+    assert [point[0] for point in curve] == [320, 640]  # served LoRA elements, not the 99K trainable parameters

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import statistics
@@ -22,6 +23,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
+
+from safetensors import safe_open
 
 from ..cli import UsageError
 from ..stages import PRUNE_REPORT_FILE
@@ -73,6 +76,7 @@ class Run:
     values: dict[str, float]
     params: int
     head_params: int | None = None  # absent from results.json files written before it was recorded
+    adapter_params: int | None = None  # the LoRA factors the run saved; None without a saved adapter
 
 
 @dataclass
@@ -230,12 +234,27 @@ def parse_run(path: Path, metric: str) -> Run:
     except (AttributeError, TypeError) as error:
         raise ValueError(f"cannot derive the rank label ({error})") from None
     return Run(path.parent, benchmark, record["model"], record["method"], row, row_key, record["task"],
-               record["seed"], values, record["trainable_params"], _head_params(record))
+               record["seed"], values, record["trainable_params"], _head_params(record), adapter_params(path.parent))
 
 
 def _head_params(record: dict) -> int | None:
     head = record.get("head_params")
     return head if _number(head) else None
+
+
+def adapter_params(folder: Path) -> int | None:
+    """Elements of the LoRA tensors in the folder's saved adapter, read from the file header: the size of what
+    is served, which trainable counts blur with whatever else a run trains (a pooler, a head)."""
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as adapter:
+            shapes = [adapter.get_slice(key).get_shape() for key in adapter.keys() if ".lora_" in key]
+    except Exception:  # noqa: BLE001 - a damaged file only loses its count; the run's scores stand
+        _warn(f"{path}: unreadable, its adapter size is left out")
+        return None
+    return sum(math.prod(shape) for shape in shapes) or None
 
 
 def _warn(message: str) -> None:
@@ -326,11 +345,13 @@ def table_rows(table: Table, stat: str = "mean") -> list[dict]:
         cells = {column: cell(values[column]) for column in table.columns if values[column]}
         complete = table.benchmark == "GLUE" and len(cells) == len(table.columns)
         without_head = [run.params - run.head_params for run in members if run.head_params is not None]
+        adapters = [run.adapter_params for run in members if run.adapter_params is not None]
         rows.append({
             "label": label,
             "cells": cells,
             "params": statistics.fmean(run.params for run in members),
             "params_without_head": statistics.fmean(without_head) if len(without_head) == len(members) else None,
+            "adapter_params": statistics.fmean(adapters) if len(adapters) == len(members) else None,
             "avg": statistics.fmean(c.stat(stat) for c in cells.values()) if complete else None,
         })
     return rows
@@ -378,7 +399,9 @@ def markdown_table(table: Table, rows: list[dict], stat: str = "mean") -> list[s
     decimals = 1 if table.benchmark == "GLUE" else 2
     avg = ["Avg."] if table.benchmark == "GLUE" else []
     without_head = any(row["params_without_head"] is not None for row in rows)
-    header = ["Method", "# Params", *(["w/o head"] if without_head else []), *table.columns, *avg, "Seeds"]
+    adapter = any(row["adapter_params"] is not None for row in rows)
+    header = ["Method", "# Params", *(["w/o head"] if without_head else []), *(["Adapter"] if adapter else []),
+              *table.columns, *avg, "Seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     seeds = _usual_seeds(rows)
     for row in rows:
@@ -388,12 +411,14 @@ def markdown_table(table: Table, rows: list[dict], stat: str = "mean") -> list[s
         params = [format_params(row["params"])]
         if without_head:
             params.append("" if row["params_without_head"] is None else format_params(row["params_without_head"]))
+        if adapter:
+            params.append("" if row["adapter_params"] is None else format_params(row["adapter_params"]))
         line = [_escape(row["label"]), *params, *cells, _seed_counts(row["cells"])]
         lines.append("| " + " | ".join(line) + " |")
     return lines
 
 
-def _caption(table: Table, metric: str, stat: str = "mean") -> str:
+def _caption(table: Table, metric: str, stat: str = "mean", adapter: bool = False) -> str:
     which = METRICS[metric][1]
     if table.benchmark == "GLUE":
         units = ("scores ×100: MNLI matched accuracy, CoLA Matthews correlation, STS-B Pearson, other tasks "
@@ -404,6 +429,8 @@ def _caption(table: Table, metric: str, stat: str = "mean") -> str:
         units = "ROUGE F1 ×100"
     params = ("# Params: trainable parameters, with the task head and without it (as the LoRA paper counts); "
               "n: seeds in a cell when not the table's usual number")
+    if adapter:
+        params += "; Adapter: elements of the LoRA factors each run saved (what is served)"
     return (f"{stat.capitalize()}±std over seeds (sample std; one seed: {stat} only) of the final stage's {which}; "
             f"{units}. {params}.")
 
@@ -494,16 +521,26 @@ def family(label: str) -> str:
 
 
 def rank_curves(table: Table, body: list[dict], families: list[str] | None) -> dict[str, dict[str, list[tuple]]]:
-    """{family: {column: [(adapter parameters without the head, mean, std), ...]}} for the families asked for
-    (default: every family with at least two budgets)."""
-    curves: dict[str, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+    """{family: {column: [(adapter parameters, mean, std), ...]}} for the families asked for (default: every
+    family with at least two budgets). The size is the saved LoRA factors' where every plotted row has them,
+    else the trainable parameters without the head."""
+    members: dict[str, list[dict]] = defaultdict(list)
     for row in body:
-        if row["params_without_head"] is None:
-            continue
-        for column, value in row["cells"].items():
-            curves[family(row["label"])][column].append((row["params_without_head"], value.mean, value.std or 0.0))
-    wanted = families if families else [name for name, columns in curves.items() if max(map(len, columns.values())) > 1]
-    return {name: dict(curves[name]) for name in wanted if name in curves}
+        members[family(row["label"])].append(row)
+    wanted = families if families else [name for name, group in members.items() if len(group) > 1]
+    plotted = [row for name in wanted for row in members.get(name, [])]
+    size = "adapter_params" if all(row["adapter_params"] is not None for row in plotted) else "params_without_head"
+    curves: dict[str, dict[str, list[tuple]]] = {}
+    for name in wanted:
+        columns: dict[str, list[tuple]] = defaultdict(list)
+        for row in members.get(name, []):
+            if row[size] is None:
+                continue
+            for column, value in row["cells"].items():
+                columns[column].append((row[size], value.mean, value.std or 0.0))
+        if columns:
+            curves[name] = dict(columns)
+    return curves
 
 
 def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: Path, stat: str = "mean",
@@ -511,7 +548,8 @@ def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: 
     lines = []
     for table, body in zip(tables, rows):
         lines += [f"## {table.benchmark}: {model_title(table.model)}", "", *markdown_table(table, body, stat), "",
-                  _caption(table, metric, stat), "", *study_sections(table, body, paired or []),
+                  _caption(table, metric, stat, any(row["adapter_params"] is not None for row in body)), "",
+                  *study_sections(table, body, paired or []),
                   *plot_links(table, md_path.parent), ""]
     if unfinished:
         lines += [f"## Unfinished: {len(unfinished)} runs of the sweep", "", *unfinished, ""]
@@ -521,15 +559,15 @@ def markdown(tables: list[Table], rows: list[list[dict]], metric: str, md_path: 
 def write_csv(path: Path, tables: list[Table], rows: list[list[dict]], stat: str = "mean") -> None:
     """One line per table row; per column the unrounded `stat`, std and seed count in table units."""
     columns = sorted({c for t in tables for c in t.columns}, key=_column_key)
-    header = ["benchmark", "model", "method", "params", "params_without_head"]
+    header = ["benchmark", "model", "method", "params", "params_without_head", "adapter_params"]
     header += [f"{c} {name}" for c in columns for name in (stat, "std", "n")] + ["avg"]
     with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(header)
         for table, body in zip(tables, rows):
             for row in body:
-                without_head = row["params_without_head"]
-                line = [table.benchmark, model_title(table.model), row["label"], row["params"], "" if without_head is None else without_head]
+                sizes = [row["params"], *("" if row[key] is None else row[key] for key in ("params_without_head", "adapter_params"))]
+                line = [table.benchmark, model_title(table.model), row["label"], *sizes]
                 for column in columns:
                     value = row["cells"].get(column)
                     if value is None:
