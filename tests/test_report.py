@@ -184,6 +184,10 @@ def test_parameter_counts_read_like_the_paper(count, text):
     assert format_params(count) == text
 
 
+def test_adapter_sizes_stay_in_thousands_below_a_million():
+    assert (format_params(589_824, 1e6), format_params(1_179_648, 1e6)) == ("589.8K", "1.2M")
+
+
 @pytest.mark.parametrize(("fields", "label"), [
     ({"method": "full", "ranks": {}}, "Full FT"),
     ({"method": "lora", "ranks": {"a": 256, "b": 256}}, "LoRA r=256"),

@@ -357,11 +357,11 @@ def table_rows(table: Table, stat: str = "mean") -> list[dict]:
     return rows
 
 
-def format_params(count: float) -> str:
-    """0.3M / 22.7K, as the papers print trainable-parameter counts."""
+def format_params(count: float, millions_from: float = 1e5) -> str:
+    """0.3M / 22.7K, as the papers print trainable-parameter counts (adapter sizes: K up to a million)."""
     if count >= 1e9:
         return f"{count / 1e9:.1f}B"
-    if count >= 1e5:
+    if count >= millions_from:
         return f"{count / 1e6:.1f}M"
     if count >= 1e3:
         return f"{count / 1e3:.1f}K"
@@ -412,7 +412,7 @@ def markdown_table(table: Table, rows: list[dict], stat: str = "mean") -> list[s
         if without_head:
             params.append("" if row["params_without_head"] is None else format_params(row["params_without_head"]))
         if adapter:
-            params.append("" if row["adapter_params"] is None else format_params(row["adapter_params"]))
+            params.append("" if row["adapter_params"] is None else format_params(row["adapter_params"], 1e6))
         line = [_escape(row["label"]), *params, *cells, _seed_counts(row["cells"])]
         lines.append("| " + " | ".join(line) + " |")
     return lines
