@@ -36,6 +36,7 @@ from lorpa.tasks.glue import (
     load_glue,
     main_metric_name,
     tokenize_glue,
+    warn_if_too_coarse,
     without_split_prefix,
 )
 from lorpa.harness.outputs import check_run_arguments
@@ -78,6 +79,7 @@ def main(argv=None):
     splits = load_glue(data_args, cache_dir)
     if data_args.selection_split_percentage:
         splits = carve_selection_split(splits, data_args.selection_split_percentage, training_args.seed)
+        warn_if_too_coarse(len(splits[SELECTION_SPLIT]), task, method_args.prune_tolerance)
     tokenizer = load_pretrained(AutoTokenizer, model_args.tokenizer_name or model_path, cache_dir)
     encoded = tokenize_glue(splits, tokenizer, data_args)
     set_seed(training_args.seed)

@@ -415,12 +415,14 @@ def test_the_activation_score_calibrates_right_before_the_prune_and_a_short_reco
     assert svd_prune["mean_relative_error"] <= prune["mean_relative_error"] + 1e-9
 
 
-def test_the_tolerance_search_chooses_on_the_selection_split_and_records_every_candidate(model_dir, tmp_path):
+def test_the_tolerance_search_chooses_on_the_selection_split_and_records_every_candidate(model_dir, tmp_path, capsys):
     files = task_files(tmp_path, "rte", n_train=40)
     output_dir = tmp_path / "tolerance"
     run_glue.main(without_target(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0", "--prune_score",
                                           "svd", "--prune_tolerance", "5", "--selection_split_percentage", "25",
                                           "--pruned_alpha", "fold", files=files)))
+    # 10 selection rows: one row moves accuracy by 10 points, more than the tolerance of 5
+    assert "the selection split has 10 rows, so one row moves accuracy by 10.00 points" in capsys.readouterr().err
     results = read_results(output_dir)
     (prune,) = results["prunes"]
     search = prune["tolerance"]

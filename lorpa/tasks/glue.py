@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -157,6 +158,15 @@ def carve_selection_split(splits: DatasetDict, percentage: float, seed: int) -> 
         raise UsageError(f"--selection_split_percentage {percentage} leaves no training rows out of {len(train)}")
     parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
     return DatasetDict({**splits, "train": parts["train"], SELECTION_SPLIT: parts["test"]})
+
+
+def warn_if_too_coarse(rows: int, task: GlueTask, tolerance: float | None) -> None:
+    """One selection row moves accuracy by 100/rows points: a tolerance below that cannot be resolved."""
+    step = 100 / max(rows, 1)
+    if tolerance is not None and task.main_metric == "accuracy" and step > tolerance:
+        print(f"warning: the selection split has {rows} rows, so one row moves accuracy by {step:.2f} points, more "
+              f"than --prune_tolerance {tolerance:g}: candidates within it cannot be told apart (raise "
+              f"--selection_split_percentage)", file=sys.stderr)
 
 
 def without_split_prefix(history: list[dict], split: str) -> list[dict]:
