@@ -89,6 +89,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         if unknown:
             raise UsageError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
         for key, value in values.items():
+            if actions[key].nargs in ("+", "*") and not isinstance(value, list):
+                value = [value]  # `lora_target_modules: all-linear` means the list the flag would give
             actions[key].default = value
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:

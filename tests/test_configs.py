@@ -197,6 +197,14 @@ def test_flags_override_the_config():
     assert method_args.pruned_alpha == 4
 
 
+def test_a_single_value_for_a_list_flag_reads_as_the_flag_gives_it(tmp_path):
+    config = tmp_path / "one.yaml"
+    config.write_text(lorpa_path("base", "rte").read_text() + "lora_target_modules: all-linear  # one value\n")
+    from_yaml = parse(config)[2].lora_target_modules
+    assert from_yaml == parse(lorpa_path("base", "rte"), "--lora_target_modules", "all-linear")[2].lora_target_modules
+    assert from_yaml == ["all-linear"]
+
+
 def test_unknown_key_is_an_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(lorpa_path("base", "rte").read_text() + "warmup_ratio: 0.06  # not a transformers 5 flag\n")
