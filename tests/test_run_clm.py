@@ -210,6 +210,18 @@ def test_other_methods_run_end_to_end(llama_dir, data_files, tmp_path, method):
         assert AutoModelForCausalLM.from_pretrained(output_dir) is not None
 
 
+def test_the_activation_score_calibrates_on_the_answer_tokens_by_default(llama_dir, data_files, tmp_path):
+    counted = {}
+    for tokens in (None, "real"):
+        output_dir = tmp_path / str(tokens)
+        extra = ("--prune_score", "activation", *(("--calibration_tokens", tokens) if tokens else ()))
+        run_clm.main(argv_for(llama_dir, output_dir, data_files, *extra))
+        results = read_results(output_dir)
+        counted[tokens] = (results["config"]["calibration_tokens"], results["prunes"][0]["calibration_tokens"])
+    assert counted[None][0] == "loss" and counted["real"][0] == "real"
+    assert 0 < counted[None][1] < counted["real"][1]  # the same batches: prompts count only as real tokens
+
+
 def test_gradient_checkpointing_on_bf16_weights_still_trains_float32_adapters(llama_dir, data_files, tmp_path):
     output_dir = tmp_path / "out"
     run_clm.main(argv_for(llama_dir, output_dir, data_files, "--method", "lora", "--gradient_checkpointing", "true",

@@ -128,7 +128,7 @@ class MethodArguments:
     calibration_tokens: str = field(
         default="real",
         metadata={"help": f"Which positions the calibration counts: one of {', '.join(TOKENS)} (every unpadded token, "
-                          "or for causal LMs only those the loss counts)"},
+                          "or for causal LMs only those the loss counts: run_clm.py's default)"},
     )
     svd_split: str = field(
         default="balanced",

@@ -180,6 +180,8 @@ def _method_label(record: dict) -> tuple[tuple, str]:
         notes += [f"{prune['svd_split']} split"] if prune.get("svd_split") not in (None, "balanced") else []
         notes += [f"{prune['global_norm']} norm"] if prune.get("global_norm") not in (None, "absolute") else []
         notes += ["default calibration"] if score == "activation" and config.get("calibration_batches") is None else []
+        calibrated = score == "activation" or config.get("calibration_batches") is not None
+        notes += ["loss tokens"] if calibrated and config.get("calibration_tokens") == "loss" else []
         notes += [f"rewind={rewind}"] if rewind != "none" else []
         notes += _schedule_notes(config)
         suffix = f" ({', '.join(notes)})" if notes else ""
