@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from prune_adapter import adapter_arguments, module_shapes, write_adapter
+from prune_adapter import adapter_arguments, written_adapter
 
 from lorpa.inspect import inspect_adapter
 from lorpa.prune_adapter import SAFETENSORS_FILE
@@ -34,14 +33,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as root:
-        adapter = Path(root) / "adapter"
-        adapter.mkdir()
-        parameters = write_adapter(adapter, args)
-        size = (adapter / SAFETENSORS_FILE).stat().st_size / 2**20
-        print(f"adapter: {len(list(module_shapes(args.layers, args.hidden, args.intermediate)))} modules, r={args.r}, "
-              f"{parameters / 1e6:.0f}M parameters, {args.dtype}, {size:.0f} MiB; threads=1, median of {args.repeats} "
-              "interleaved runs after one dropped warm-up round")
+    with written_adapter(args) as (_, adapter, modules, contents):
+        print(f"adapter: {modules}, {contents}; threads=1, median of {args.repeats} interleaved runs after one "
+              "dropped warm-up round")
         variants = {"lorpa.inspect": lambda: inspect_adapter(adapter), "read the weights file": lambda: read_files(adapter)}
         times = {name: [] for name in variants}
         for _ in range(args.repeats + 1):

@@ -17,6 +17,7 @@ since glibc's heap may keep freed blocks from run to run differently (min-max is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import shutil
 import statistics
@@ -109,6 +110,19 @@ def adapter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r", type=int, default=64)
 
 
+@contextlib.contextmanager
+def written_adapter(args):
+    """A temporary folder holding the adapter `write_adapter` writes for `args`, and a line describing it:
+    (the folder, the adapter inside it, its modules and rank, its size)."""
+    with tempfile.TemporaryDirectory() as root:
+        adapter = Path(root) / "adapter"
+        adapter.mkdir()
+        parameters = write_adapter(adapter, args)
+        size = (adapter / SAFETENSORS_FILE).stat().st_size / 2**20
+        modules = len(list(module_shapes(args.layers, args.hidden, args.intermediate)))
+        yield Path(root), adapter, f"{modules} modules, r={args.r}", f"{parameters / 1e6:.0f}M parameters, {args.dtype}, {size:.0f} MiB"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     adapter_arguments(parser)
@@ -118,13 +132,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    with tempfile.TemporaryDirectory() as root:
-        adapter = Path(root) / "adapter"
-        adapter.mkdir()
-        parameters = write_adapter(adapter, args)
-        size = (adapter / SAFETENSORS_FILE).stat().st_size / 2**20
-        print(f"adapter: {len(list(module_shapes(args.layers, args.hidden, args.intermediate)))} modules, r={args.r} -> "
-              f"{args.target_rank}, {parameters / 1e6:.0f}M parameters, {args.dtype}, {size:.0f} MiB; "
+    with written_adapter(args) as (root, adapter, modules, contents):
+        print(f"adapter: {modules} -> {args.target_rank}, {contents}; "
               f"threads={torch.get_num_threads()}, median of {args.repeats} interleaved runs")
         memory = {variant: [measure_memory(variant, adapter, args) for _ in range(args.memory_runs)] for variant in VARIANTS}
         times = {variant: [] for variant in VARIANTS}
