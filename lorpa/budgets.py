@@ -121,7 +121,7 @@ def _choose_global(scores: dict[str, torch.Tensor], budget: Budget) -> dict[str,
     module, so the greedy walk itself is plain Python over numbers.
     """
     step, energy_budget = budget.rank_multiple, budget.energy is not None
-    orders, candidates, kept, held_components, held_energy = {}, [], {}, 0, 0.0
+    orders, candidates, kept, next_block, held_components, held_energy = {}, [], {}, {}, 0, 0.0
     for position, (name, values) in enumerate(scores.items()):
         lower, upper = budget.bounds(len(values))
         order = torch.sort(values, descending=True, stable=True).indices[:upper]
@@ -134,6 +134,7 @@ def _choose_global(scores: dict[str, torch.Tensor], budget: Budget) -> dict[str,
         block_energies = (squares[edges[1:]] - squares[edges[:-1]]).tolist()
         reserved = min(-(-lower // step), len(block_sums))
         kept[name] = edges[reserved]  # components taken so far: always a prefix of `order`
+        next_block[name] = reserved
         held_components += edges[reserved]
         held_energy += float(squares[edges[reserved]])
         for index in range(reserved, len(block_sums)):
@@ -146,7 +147,6 @@ def _choose_global(scores: dict[str, torch.Tensor], budget: Budget) -> dict[str,
         goal = _component_budget(scores, budget)
         if goal < held_components:
             raise ValueError(f"a budget of {goal} components cannot give every module its min_rank ({held_components} in all)")
-    next_block = {name: -(-kept[name] // step) if kept[name] else 0 for name in scores}
     for _, _, index, name, size, energy in candidates:
         if (held_energy >= goal - 1e-12 * abs(goal)) if energy_budget else held_components >= goal:
             break
