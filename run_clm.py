@@ -12,6 +12,10 @@ the `--config` YAML. See README.md for the flags LoRPA adds to the usual ones.
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa  # noqa: F401
+
+# isort: split
 import sys
 from pathlib import Path
 

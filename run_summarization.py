@@ -11,6 +11,10 @@ Any flag overrides the `--config` YAML. See README.md for the flags LoRPA adds t
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa  # noqa: F401
+
+# isort: split
 import sys
 from pathlib import Path
 

@@ -2,9 +2,12 @@
 
 import logging
 
-# peft imports bitsandbytes when it is installed; on CPUs with AVX-512 BF16 its import logs a warning that an
-# optional hub kernel is missing, on every command, although its own fallback kernel runs. Keep its errors only.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft imports bitsandbytes when it is installed, and on CPUs with AVX-512 BF16 bitsandbytes looks for an optional hub
+# kernel through `kernels`: both log a warning on every command (the kernel is missing, or its publisher cannot be
+# checked offline) although bitsandbytes' own fallback kernel runs. Those lines would stand ahead of every one-line
+# error a command prints, so keep these loggers' errors only.
+for _logger in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 from .calibration import calibrate
 from .layers import lora_layers
