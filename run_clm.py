@@ -24,7 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Traini
 
 from lorpa.harness.adapters import check_target_modules
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
-from lorpa.cli import UsageError, parse_args, run_cli
+from lorpa.errors import InputError
+from lorpa.harness.flags import parse_args
+from lorpa.cli import run_cli
 from lorpa.tasks.clm.arguments import ClmModelArguments
 from lorpa.tasks.clm.data import (
     ClmDataArguments,
@@ -56,7 +58,7 @@ def check_length(config, args: ClmDataArguments) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     longest = args.max_seq_length + args.generation_max_new_tokens
     if limit is not None and longest > limit:
-        raise UsageError(f"--max_seq_length + --generation_max_new_tokens = {longest} exceeds the model's {limit} positions")
+        raise InputError(f"--max_seq_length + --generation_max_new_tokens = {longest} exceeds the model's {limit} positions")
 
 
 def main(argv=None):
@@ -68,11 +70,11 @@ def main(argv=None):
     )
     check_run_arguments(training_args, method_args)
     if method_args.prune_tolerance is not None:
-        raise UsageError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
+        raise InputError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
                          "(--selection_split_percentage); prune with a fixed budget here, or search with "
                          "python -m lorpa.prune_adapter --tolerance T --evaluate COMMAND")
     if clm_args.merge_final and method_args.method == "full":
-        raise UsageError("--merge_final merges an adapter; --method full already saves the whole model")
+        raise InputError("--merge_final merges an adapter; --method full already saves the whole model")
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     config = load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     check_length(config, data_args)

@@ -30,7 +30,9 @@ from transformers import (
 )
 
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
-from lorpa.cli import UsageError, parse_args, run_cli
+from lorpa.errors import InputError
+from lorpa.harness.flags import parse_args
+from lorpa.cli import run_cli
 from lorpa.harness.loading import load_model, load_pretrained
 from lorpa.tasks.glue import (
     SELECTION_SPLIT,
@@ -75,7 +77,7 @@ def main(argv=None):
     )
     check_run_arguments(training_args, method_args)
     if method_args.prune_tolerance is not None and not data_args.selection_split_percentage:
-        raise UsageError("--prune_tolerance chooses the budget on held-out rows: add --selection_split_percentage P, "
+        raise InputError("--prune_tolerance chooses the budget on held-out rows: add --selection_split_percentage P, "
                          "so the validation set is never used to choose")
     task = data_args.task
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir

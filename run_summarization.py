@@ -22,7 +22,9 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Seq2S
 
 from lorpa.harness.adapters import check_target_modules
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
-from lorpa.cli import UsageError, parse_args, run_cli
+from lorpa.errors import InputError
+from lorpa.harness.flags import parse_args
+from lorpa.cli import run_cli
 from lorpa.tasks.generation import MergedGenerationTrainer
 from lorpa.harness.loading import load_model, load_pretrained
 from lorpa.checkpoints import write_json_atomic
@@ -67,11 +69,11 @@ def main(argv=None):
     )
     check_run_arguments(training_args, method_args)
     if method_args.prune_tolerance is not None:
-        raise UsageError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
+        raise InputError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
                          "(--selection_split_percentage); prune with a fixed budget here, or search with "
                          "python -m lorpa.prune_adapter --tolerance T --evaluate COMMAND")
     if not training_args.predict_with_generate:
-        raise UsageError("ROUGE is scored on generated summaries: --predict_with_generate must stay true")
+        raise InputError("ROUGE is scored on generated summaries: --predict_with_generate must stay true")
     training_args.generation_max_length = training_args.generation_max_length or data_args.val_max_target_length
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     config = load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data

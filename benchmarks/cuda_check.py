@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prune_speed  # noqa: E402  (the authors' prune and the adapter stand-ins, shared with benchmarks/prune_speed.py)
 
 import lorpa  # noqa: E402
+from lorpa.layers import lora_layers  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, max_position_embeddings=2048)
@@ -175,7 +176,7 @@ def qlora_round_trip(shape, device) -> dict:
         reloaded = PeftModel.from_pretrained(base(), Path(folder, "adapter")).eval()
         with torch.no_grad():
             after = reloaded(input_ids=ids).logits
-        return {"layer type": type(next(iter(lorpa.lora_layers(model).values()))).__module__,
+        return {"layer type": type(next(iter(lora_layers(model).values()))).__module__,
                 "mean relative error of the prune": report.mean_relative_error,
                 "largest output difference after reload": float((before - after).abs().max()),
                 "seconds": time.perf_counter() - started}

@@ -72,13 +72,13 @@ def collate_articles(tokenizer):
 
 def articles(data_dir: str | None, count: int) -> list[str]:
     """The first `count` XSum validation articles: a local copy under DATA_DIR, else the hub's."""
-    from lorpa.cli import UsageError
+    from lorpa.errors import InputError
     from lorpa.tasks.summarization import SummarizationDataArguments, load_summarization
 
     try:
         args = SummarizationDataArguments(dataset_name="xsum", data_dir=data_dir, max_eval_samples=count)
         documents = load_summarization(args)["validation"]["document"]
-    except UsageError as error:
+    except InputError as error:
         hint = "" if data_dir else "; pass --data_dir DIR with DIR/xsum/validation.jsonl"
         raise SystemExit(f"error: {error}{hint}") from None
     if len(documents) < count:

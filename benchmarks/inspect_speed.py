@@ -19,7 +19,7 @@ import torch
 from prune_adapter import adapter_arguments, written_adapter
 
 from lorpa.inspect import inspect_adapter
-from lorpa.prune_adapter import SAFETENSORS_FILE
+from lorpa.adapter_files import SAFETENSORS_FILE
 
 
 def read_files(adapter: Path) -> None:

@@ -29,7 +29,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from lorpa.prune_adapter import SAFETENSORS_FILE, prune_saved_adapter
+from lorpa.adapter_files import SAFETENSORS_FILE
+from lorpa.prune_adapter import prune_saved_adapter
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

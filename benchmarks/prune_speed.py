@@ -41,6 +41,7 @@ from peft import LoraConfig, convert_to_lora, get_peft_model
 from torch import nn
 
 import lorpa
+from lorpa.layers import lora_layers
 from lorpa.calibration import CALIBRATION_ATTR, LayerCalibration
 
 R0, TARGET = 256, 8
@@ -80,7 +81,7 @@ def authors_prune(model, target_rank: int, adapter_name: str = "default") -> dic
     an unstable `torch.argsort` for the pruned set, `not in` over that tensor for the kept list,
     `index_select` into `weight.data`. Like theirs it leaves `layer.r`, `scaling` and the config at r0."""
     kept_sets = {}
-    for name, layer in lorpa.lora_layers(model, adapter_name).items():
+    for name, layer in lora_layers(model, adapter_name).items():
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         rank = lora_A.weight.shape[0]
         scores = [torch.sum(torch.abs(lora_B.weight[:, r] * lora_A.weight[r, :])) for r in range(rank)]
@@ -171,19 +172,19 @@ def peft_svd(model) -> dict[str, torch.Tensor]:
         warnings.simplefilter("ignore")  # peft notes that converting a LoRA adapter to LoRA is unusual
         _, state = convert_to_lora(model, rank=TARGET)
     return {name: state[f"base_model.model.{name}.lora_B.weight"] @ state[f"base_model.model.{name}.lora_A.weight"]
-            for name in lorpa.lora_layers(model)}
+            for name in lora_layers(model)}
 
 
 def lorpa_svd(model) -> dict[str, torch.Tensor]:
     lorpa.prune(model, target_rank=TARGET, score="svd")
-    return {name: layer.get_delta_weight("default").detach() for name, layer in lorpa.lora_layers(model).items()}
+    return {name: layer.get_delta_weight("default").detach() for name, layer in lora_layers(model).items()}
 
 
 def with_calibration(model) -> None:
     """A recorded G on every LoRA layer, as `lorpa.calibrate` leaves it (random positive semi-definite: the cost
     of the truncation does not depend on it)."""
     generator = torch.Generator().manual_seed(0)
-    for layer in lorpa.lora_layers(model).values():
+    for layer in lora_layers(model).values():
         z = torch.randn(R0, 2 * R0, generator=generator, dtype=torch.float64).to(layer.lora_A["default"].weight.device)
         layer.__dict__.setdefault(CALIBRATION_ATTR, {})["default"] = LayerCalibration(z @ z.t(), 2 * R0)
 
@@ -192,7 +193,7 @@ def compare_output_space(title: str, model, repeats: int) -> None:
     with_calibration(model)
     medians, _ = time_variants(model, {"lorpa.prune svd": lorpa_kept("svd"), "lorpa.prune activation": lorpa_kept("activation")},
                                repeats)
-    print(f"\n{title}: {len(lorpa.lora_layers(model))} modules, r0={R0} -> {TARGET}, singular basis against output basis")
+    print(f"\n{title}: {len(lora_layers(model))} modules, r0={R0} -> {TARGET}, singular basis against output basis")
     for name, seconds in medians.items():
         print(f"  {name:<42}{seconds * 1000:9.1f} ms  {seconds / medians['lorpa.prune svd']:6.2f}x svd's time")
 

@@ -139,13 +139,13 @@ def sst2_sentences(data_dir: str | None) -> list[str]:
     """SST-2 validation sentences: a local copy under DATA_DIR, else the hub's GLUE SST-2."""
     from datasets import load_dataset
 
-    from lorpa.cli import UsageError
+    from lorpa.errors import InputError
     from lorpa.tasks.glue import GlueDataArguments, load_glue
 
     if data_dir is not None:
         try:
             return load_glue(GlueDataArguments(task_name="sst2", data_dir=data_dir))["validation"]["sentence"]
-        except UsageError as error:
+        except InputError as error:
             raise SystemExit(f"error: {error}") from None
     try:
         return load_dataset("nyu-mll/glue", "sst2", split="validation")["sentence"]

@@ -1,5 +1,12 @@
-"""LoRPA: Lottery Rank-Pruning Adaptation on top of peft LoRA."""
+"""LoRPA: Lottery Rank-Pruning Adaptation on top of peft LoRA.
 
+    report = lorpa.prune(model, lorpa.PruneOptions(target_rank=8, score="svd"))
+
+Every name below is imported on first use, so `import lorpa` (and every command's `--help`) costs nothing until
+torch, peft or transformers is needed.
+"""
+
+import importlib
 import logging
 
 # peft imports bitsandbytes when it is installed, and on CPUs with AVX-512 BF16 bitsandbytes looks for an optional hub
@@ -9,39 +16,35 @@ import logging
 for _logger in ("bitsandbytes.backends.cpu.ops", "kernels"):
     logging.getLogger(_logger).setLevel(logging.ERROR)
 
-from .calibration import calibrate
-from .layers import lora_layers
-from .pruning import ModulePruning, PruneReport, check_prune_arguments, prune
-from .rewind import get_peft_model, init_state_dict, load_init_state_dict, record_init
-from .scoring import rank_scores
-from .sensitivity import SensitivityCallback, update_sensitivity
-from .tolerance import prune_to_tolerance
+_PUBLIC = {
+    "InputError": "errors",
+    "PruneOptions": "options",
+    "PruneReport": "plan",
+    "ModulePruning": "plan",
+    "prune": "pruning",
+    "prune_to_tolerance": "pruning",
+    "rank_scores": "pruning",
+    "prune_saved_adapter": "prune_adapter",
+    "inspect_adapter": "inspect",
+    "check_adapter": "check_adapter",
+    "calibrate": "calibration",
+    "get_peft_model": "rewind",
+    "SensitivityCallback": "sensitivity",
+    "update_sensitivity": "sensitivity",
+    "StageOptions": "two_stage",
+    "StageCallback": "two_stage",
+    "TwoStageResult": "two_stage",
+    "train_two_stage": "two_stage",
+}
 
-_TRAINER_API = ("TwoStageResult", "train_two_stage")  # imported on first use: they pull in transformers.Trainer
-
-__all__ = [
-    "ModulePruning",
-    "PruneReport",
-    "TwoStageResult",
-    "calibrate",
-    "check_prune_arguments",
-    "get_peft_model",
-    "init_state_dict",
-    "load_init_state_dict",
-    "lora_layers",
-    "prune",
-    "prune_to_tolerance",
-    "rank_scores",
-    "record_init",
-    "SensitivityCallback",
-    "update_sensitivity",
-    "train_two_stage",
-]
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name):
-    if name in _TRAINER_API:
-        from . import two_stage
-
-        return getattr(two_stage, name)
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(f"module 'lorpa' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

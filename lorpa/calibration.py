@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers import base_model, lora_layers, resolve_adapter, unwrap
+from .errors import InputError
+from .layers import base_model, layer_state, lora_layers, resolve_adapter, set_layer_state, unwrap
 
 CALIBRATION_ATTR = "_lorpa_calibration"
 TOKENS = ("real", "loss")
@@ -34,12 +35,7 @@ class LayerCalibration:
 
 
 def layer_calibration(layer: nn.Module, adapter_name: str) -> LayerCalibration | None:
-    return layer.__dict__.get(CALIBRATION_ATTR, {}).get(adapter_name)
-
-
-def clear_calibration(layer: nn.Module, adapter_name: str) -> None:
-    """A prune changes the layer's A, so its recorded G no longer describes it."""
-    layer.__dict__.get(CALIBRATION_ATTR, {}).pop(adapter_name, None)
+    return layer_state(layer, CALIBRATION_ATTR, adapter_name)
 
 
 def token_masks(batch: dict, tokens: str, encoder_decoder: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -54,7 +50,7 @@ def token_masks(batch: dict, tokens: str, encoder_decoder: bool) -> tuple[torch.
     source = None if attention is None else attention.bool()
     counted = None if labels is None or labels.dim() != 2 else labels != IGNORE_INDEX
     if tokens == "loss" and counted is None:
-        raise ValueError("tokens='loss' needs batches with labels (the positions the loss counts)")
+        raise InputError("tokens='loss' needs batches with labels (the positions the loss counts)")
     if not encoder_decoder:
         if tokens == "real":
             return source, None
@@ -111,13 +107,13 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, tokens: str = "real"
     own batches and the Grams are summed across processes, so every process prunes with the same G.
     """
     if tokens not in TOKENS:
-        raise ValueError(f"unknown tokens {tokens!r}; choose one of {', '.join(TOKENS)}")
+        raise InputError(f"unknown tokens {tokens!r}; choose one of {', '.join(TOKENS)}")
     model = unwrap(model)
     adapter_name = resolve_adapter(model, adapter_name)
     layers = lora_layers(model, adapter_name)
     for name, layer in layers.items():
         if adapter_name in layer.merged_adapters:
-            raise ValueError(f"{name}: adapter {adapter_name!r} is merged into the base weights; unmerge it first")
+            raise InputError(f"{name}: adapter {adapter_name!r} is merged into the base weights; unmerge it first")
     base = base_model(model)
     encoder = base.get_encoder() if getattr(getattr(base, "config", None), "is_encoder_decoder", False) else None
     encoder_modules = set() if encoder is None else {id(m) for m in encoder.modules()}
@@ -154,9 +150,9 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, tokens: str = "real"
             grams[name] = torch.zeros(rank, rank, dtype=torch.float64, device=device)
     _sum_across_processes(grams, counts)
     if not any(counts.values()):
-        raise ValueError("calibration saw no tokens: give at least one batch with unmasked positions")
+        raise InputError("calibration saw no tokens: give at least one batch with unmasked positions")
     for name, layer in layers.items():
-        layer.__dict__.setdefault(CALIBRATION_ATTR, {})[adapter_name] = LayerCalibration(grams[name], counts[name])
+        set_layer_state(layer, CALIBRATION_ATTR, adapter_name, LayerCalibration(grams[name], counts[name]))
     return max(counts.values())
 
 

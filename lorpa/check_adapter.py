@@ -19,10 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft.utils.other import get_pattern_key
-
-from .cli import UsageError, raise_usage_error, run_cli
-from .prune_adapter import FACTOR_KEY, PREFIX, WeightsFile, find_adapter
+from .errors import InputError
+from .cli import raise_input_error, run_cli
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
@@ -43,20 +41,20 @@ def _scaling(alpha: float, rank: int, rslora: bool) -> float:
 
 def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
     """(per-module checks, the config's top-level r / lora_alpha / use_rslora and the smallest vLLM
-    --max-lora-rank that holds every module)."""
-    config, weights_path = find_adapter(Path(adapter_dir))
+    --max-lora-rank that holds every module). Reads the config and the tensor shapes, never tensor data."""
+    from .adapter_files import BIN_FILE, SAFETENSORS_FILE, WeightsFile, factor_keys, find_config, pattern_key, read_config
+
+    folder = Path(adapter_dir)
+    config = read_config(find_config(folder))
+    weights_path = next((folder / n for n in (SAFETENSORS_FILE, BIN_FILE) if (folder / n).is_file()), None)
+    if weights_path is None:
+        raise InputError(f"no {SAFETENSORS_FILE} or {BIN_FILE} in {folder}")
     weights = WeightsFile(weights_path)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    top_rank, top_alpha, rslora = config.get("r"), config.get("lora_alpha"), bool(config.get("use_rslora"))
-    if not isinstance(top_rank, int) or top_rank < 1 or not isinstance(top_alpha, (int, float)):
-        raise ValueError(f"{adapter_dir}: adapter_config.json needs a positive integer r and a numeric lora_alpha")
-    keys: dict[str, dict[str, str]] = {}
-    for key in weights.keys:
-        match = FACTOR_KEY.match(key)
-        if match:
-            keys.setdefault(match["module"].removeprefix(PREFIX), {})[match["factor"]] = key
+    rank_pattern, alpha_pattern = config["rank_pattern"], config["alpha_pattern"]
+    top_rank, top_alpha, rslora = config["r"], config["lora_alpha"], config["use_rslora"]
+    keys = factor_keys(weights.keys)
     if not keys:
-        raise ValueError(f"{weights_path} holds no LoRA tensors (no *.lora_A.weight / *.lora_B.weight keys)")
+        raise InputError(f"{weights_path} holds no LoRA tensors (no *.lora_A.weight / *.lora_B.weight keys)")
     engine = _scaling(top_alpha, top_rank, rslora)
     checks = []
     for name, factors in keys.items():
@@ -69,8 +67,9 @@ def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
         rank = shape_A[0]
         if len(shape_A) != 2 or len(shape_B) != 2 or shape_B[1] != rank:
             problems.append(f"lora_A {list(shape_A)} and lora_B {list(shape_B)} disagree on the rank")
-        configured = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), top_rank)
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), top_alpha)
+        rank_key, alpha_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+        configured = top_rank if rank_key is None else rank_pattern[rank_key]
+        alpha = top_alpha if alpha_key is None else alpha_pattern[alpha_key]
         if configured != rank:
             problems.append(f"the tensors have rank {rank}, the config gives {configured}")
         if rank > top_rank:
@@ -85,19 +84,16 @@ def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
                     "vllm_max_lora_rank": vllm}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lorpa.check_adapter", description=__doc__.splitlines()[0])
-    parser.error = raise_usage_error
+def build_parser(prog: str = "python -m lorpa.check_adapter") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.error = raise_input_error
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        checks, summary = check_adapter(args.adapter_dir)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+def main(argv: list[str] | None = None, prog: str = "python -m lorpa.check_adapter") -> int:
+    args = build_parser(prog).parse_args(argv)
+    checks, summary = check_adapter(args.adapter_dir)
     for check in checks:
         verdict = "ok" if not check.problems else "MISMATCH: " + "; ".join(check.problems)
         print(f"{check.name}: rank {check.rank}, scaling {check.peft_scaling:g} in peft, {check.engine_scaling:g} "

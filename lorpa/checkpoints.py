@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .cli import UsageError
+from .errors import InputError
 from .stages import Stage
 
 
@@ -113,16 +113,47 @@ def find_resume_point(checkpoint: str | None, output_dir: str, stages: list[Stag
                 print(f"skipping incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
                 skipped = True
         if not skipped:
-            raise UsageError(f"no checkpoint to resume under {output_dir}")
+            raise InputError(f"no checkpoint to resume under {output_dir}")
         print(f"no complete checkpoint under {output_dir}: training starts from the beginning", file=sys.stderr, flush=True)
         return 0, None
     path = Path(checkpoint)
     if not path.is_dir():
-        raise UsageError(f"checkpoint not found: {checkpoint}")
+        raise InputError(f"checkpoint not found: {checkpoint}")
     if path.parent.name not in names:
-        raise UsageError(f"checkpoint {checkpoint} is not inside a stage folder ({', '.join(names)})")
+        raise InputError(f"checkpoint {checkpoint} is not inside a stage folder ({', '.join(names)})")
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise UsageError(f"checkpoint {checkpoint} cannot be resumed: {problem}; resume from an earlier checkpoint "
+        raise InputError(f"checkpoint {checkpoint} cannot be resumed: {problem}; resume from an earlier checkpoint "
                          "or pass --resume_from_checkpoint latest, which skips broken ones")
     return names.index(path.parent.name), str(path)
+
+
+def describe(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def redo_from(output_dir: str, stages: list[Stage], start: int) -> str:
+    """How to get past a damaged record of the prune before stage `start`: redo it from the stage before."""
+    previous = stages[start - 1].name
+    found = sorted(Path(output_dir, previous).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    usable = [p for p in found if checkpoint_problem(p) is None]
+    if not usable:
+        return f"no {previous} checkpoint is left to redo it from: start again with --overwrite_output_dir"
+    return f"resume from {previous} with --resume_from_checkpoint {usable[-1]} (the pruning is redone deterministically)"
+
+
+def read_records(output_dir: str, stages: list[Stage], start: int, name_of) -> list[dict]:
+    """The JSON record `name_of(index)` of every stage before `start` that has one (None: no record), for resuming
+    stage `start`; a missing or damaged one is one line that says the way out."""
+    records = []
+    for index in range(start):
+        name = name_of(index)
+        if name is None:
+            continue
+        try:
+            records.append(json.loads(Path(output_dir, name).read_text()))
+        except (OSError, ValueError) as error:
+            raise InputError(f"{output_dir}: the record of the pruning step is missing or damaged ({describe(error)}); "
+                             f"{redo_from(output_dir, stages, start)}") from error
+    return records

@@ -2,7 +2,7 @@
 
     python -m lorpa.inspect ADAPTER_DIR [--json] [--plot spectra.png]
 
-No base model and no GPU: like `prune_adapter`, one module's tensors at a time. Per module: its rank, the
+No base model and no GPU: one module's tensors at a time, and neither transformers nor peft is imported. Per module: its rank, the
 singular values of its scaled update s·B·A, the share of Σσ² the top k keep (k = 1, 2, 4, 8, ...) and the
 rank each energy threshold would keep. Totals: parameters and file size at each rank in module scope and
 at each average rank of one global budget ranked by singular value (what `lorpa.prune` with score="svd"
@@ -12,20 +12,15 @@ keeps), and the total rank each energy threshold keeps in either scope.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
 from pathlib import Path
 
-import torch
-
-from .budgets import Budget, choose, energy_kept, energy_rank
-from .cli import UsageError, raise_usage_error, run_cli
-from .lowrank import singular_values
-from .prune_adapter import WeightsFile, adapted_modules, find_adapter, scaling
+from .cli import check_output_file, raise_input_error, run_cli
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
-BYTES = {torch.float64: 8, torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 def powers_of_two(limit: int) -> list[int]:
@@ -35,38 +30,56 @@ def powers_of_two(limit: int) -> list[int]:
 
 
 def inspect_adapter(adapter_dir: str | Path) -> dict:
-    """Everything `python -m lorpa.inspect` shows, as one JSON-ready dict."""
-    adapter_dir = Path(adapter_dir)
-    config, weights_path = find_adapter(adapter_dir)
-    weights = WeightsFile(weights_path)
-    modules = adapted_modules(weights, config)
-    rslora = bool(config.get("use_rslora"))
+    """Everything `lorpa inspect` shows, as one JSON-ready dict. A module whose tensors hold NaN or infinite values
+    is a finding (`damaged`), left out of the totals."""
+    from .adapter_files import AdapterFolder
+    from .budgets import energy_kept, energy_rank
+    from .lowrank import singular_values
+    from .plan import check_finite, scaling
+
+    adapter = AdapterFolder(adapter_dir)
+    weights, modules = adapter.weights, adapter.modules
     lora_keys = {key for m in modules.values() for key in (m.key_A, m.key_B)}
-    other_bytes = sum(math.prod(weights.shapes[k]) * BYTES.get(weights.dtypes[k], 1) for k in weights.keys if k not in lora_keys)
-    rows, sigmas = {}, {}
+    other_bytes = sum(weights.size(k) for k in weights.keys if k not in lora_keys)
+    rows, sigmas, damaged = {}, {}, {}
     for name, module in modules.items():
-        sigma = abs(scaling(module.alpha, module.rank, rslora)) * singular_values(weights.get(module.key_A), weights.get(module.key_B))
+        row = {"rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
+               "dtype": str(weights.dtypes[module.key_A]).removeprefix("torch.")}
+        lora_A, lora_B = adapter.factors(name)
+        problem = check_finite(name, lora_A, lora_B)
+        if problem is not None:
+            damaged[name] = problem
+            rows[name] = {**row, "damaged": problem}
+            continue
+        sigma = abs(scaling(module.alpha, module.rank, adapter.use_rslora)) * singular_values(lora_A, lora_B)
         energy = sigma.double().square()
         sigmas[name] = sigma
         rows[name] = {
-            "rank": module.rank, "in_features": module.in_features, "out_features": module.out_features,
-            "dtype": str(weights.dtypes[module.key_A]).removeprefix("torch."),
+            **row,
             "singular_values": sigma.tolist(),
             "energy_kept": {str(k): energy_kept(energy, k) for k in powers_of_two(module.rank)},
             "rank_for_energy": {str(e): energy_rank(energy, e) for e in THRESHOLDS},
         }
-    return {"adapter": str(adapter_dir), "modules": rows, "totals": totals(modules, sigmas, weights, other_bytes)}
+    sound = {name: m for name, m in modules.items() if name in sigmas}
+    return {"adapter": str(adapter.folder), "modules": rows, "damaged": damaged,
+            "totals": totals(sound, sigmas, weights, other_bytes) if sound else None}
 
 
 def _size(modules, weights, ranks: dict[str, int], other_bytes: int) -> tuple[int, int]:
     """(adapter parameters, bytes of tensor data) at these ranks."""
     params = sum(ranks[n] * (m.in_features + m.out_features) for n, m in modules.items())
-    data = sum(ranks[n] * (m.in_features + m.out_features) * BYTES.get(weights.dtypes[m.key_A], 4) for n, m in modules.items())
+    data = sum(ranks[n] * weights.size(m.key_A) // m.rank + ranks[n] * weights.size(m.key_B) // m.rank
+               for n, m in modules.items())
     return params, data + other_bytes
 
 
-def totals(modules, sigmas: dict[str, torch.Tensor], weights, other_bytes: int) -> dict:
+def totals(modules, sigmas: dict, weights, other_bytes: int) -> dict:
     """Parameters, file size and the energy kept over all modules, at each budget."""
+    import torch
+
+    from .budgets import choose, energy_rank
+    from .options import PruneOptions
+
     total_energy = sum(float(s.double().square().sum()) for s in sigmas.values())
 
     def entry(ranks: dict[str, int]) -> dict:
@@ -80,11 +93,11 @@ def totals(modules, sigmas: dict[str, torch.Tensor], weights, other_bytes: int) 
     components = sum(m.rank for m in modules.values())
     global_scope = {}
     for k in powers_of_two(largest):
-        kept = choose(sigmas, Budget(total_rank=min(k * len(modules), components)), "global")
+        kept = choose(sigmas, PruneOptions(score="svd").at_total(min(k * len(modules), components)))
         global_scope[str(k)] = entry({n: len(i) for n, i in kept.items()})
     energy_module = {str(e): entry({n: energy_rank(s.double().square(), e) for n, s in sigmas.items()}) for e in THRESHOLDS}
-    energy_global = {str(e): entry({n: len(i) for n, i in choose(sigmas, Budget(energy=e), "global").items()})
-                     for e in THRESHOLDS}
+    energy_global = {str(e): entry({n: len(i) for n, i in choose(sigmas, PruneOptions(score="svd", scope="global")
+                                                                 .at_energy(e)).items()}) for e in THRESHOLDS}
     full = entry({n: m.rank for n, m in modules.items()})
     return {"unpruned": full, "module_rank": module_scope, "global_average_rank": global_scope,
             "module_energy": energy_module, "global_energy": energy_global}
@@ -104,11 +117,19 @@ def text_report(result: dict) -> str:
              "module | rank | σ1 | energy kept at rank " + " / ".join(shown) + " | rank for energy "
              + " / ".join(map(str, THRESHOLDS))]
     for name, row in result["modules"].items():
+        if "damaged" in row:
+            lines.append(f"{name} | {row['rank']} | DAMAGED: {row['damaged']}")
+            continue
         kept = " / ".join(f"{row['energy_kept'][k]:.2f}" if k in row["energy_kept"] else "-" for k in shown)
         ranks = " / ".join(str(row["rank_for_energy"][str(e)]) for e in THRESHOLDS)
         sigma = row["singular_values"][0] if row["singular_values"] else 0.0
         lines.append(f"{name} | {row['rank']} | {sigma:.3g} | {kept} | {ranks}")
+    if result["damaged"]:
+        lines += ["", f"{len(result['damaged'])} of {len(result['modules'])} modules hold NaN or infinite values: the "
+                      "adapter is damaged (a diverged training run?); the totals leave them out"]
     t = result["totals"]
+    if t is None:
+        return "\n".join(lines) + "\n"
     full = t["unpruned"]
     lines += ["", f"unpruned: total rank {full['total_rank']}, {_human(full['parameters'])} parameters, "
                   f"{_human(full['file_bytes'], 'B')} of tensors", "",
@@ -128,13 +149,13 @@ def plot_spectra(result: dict, out_path) -> Path:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     left, right = fig.subplots(1, 2)
     for row in result["modules"].values():
-        sigma = row["singular_values"]
+        sigma = row.get("singular_values")
         if not sigma or sigma[0] <= 0:
             continue
         ranks = range(1, len(sigma) + 1)
         left.plot(ranks, [s / sigma[0] for s in sigma], linewidth=0.6, alpha=0.5)
-        energy = torch.tensor(sigma, dtype=torch.float64).square()
-        right.plot(ranks, (energy.cumsum(0) / energy.sum()).tolist(), linewidth=0.6, alpha=0.5)
+        cumulative = list(itertools.accumulate(s * s for s in sigma))
+        right.plot(ranks, [c / cumulative[-1] for c in cumulative], linewidth=0.6, alpha=0.5)
     left.set(xscale="log", yscale="log", xlabel="component k", ylabel="σ_k / σ_1", title="singular values, one line per module")
     right.set(xscale="log", xlabel="rank k kept", ylabel="share of Σσ² kept", title="energy kept")
     for threshold in (0.9, 0.95, 0.99):
@@ -144,23 +165,21 @@ def plot_spectra(result: dict, out_path) -> Path:
     return out_path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lorpa.inspect", description=__doc__.splitlines()[0])
-    parser.error = raise_usage_error
+def build_parser(prog: str = "python -m lorpa.inspect") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.error = raise_input_error
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout, and nothing else there")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also draw the spectra into this PNG file")
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.plot is not None and not Path(args.plot).parent.is_dir():
-        raise UsageError(f"--plot {args.plot}: no folder {Path(args.plot).parent} to write it in")
-    try:
-        result = inspect_adapter(args.adapter_dir)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+def main(argv: list[str] | None = None, prog: str = "python -m lorpa.inspect") -> int:
+    """Exit status 0, or 1 when a module holds NaN or infinite values."""
+    args = build_parser(prog).parse_args(argv)
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot")
+    result = inspect_adapter(args.adapter_dir)
     if args.plot is not None:
         plot_spectra(result, args.plot)
     if args.json:
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(text_report(result) + (f"\nspectra: {args.plot}\n" if args.plot else ""))
-    return result
+    return 1 if result["damaged"] else 0
 
 
 if __name__ == "__main__":

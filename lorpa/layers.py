@@ -10,6 +10,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .errors import InputError
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip DDP / DataParallel / accelerate wrappers, which all keep the real model in `.module`."""
@@ -25,7 +27,7 @@ def resolve_adapter(model: nn.Module, adapter_name: str | None) -> str:
     active = getattr(model, "active_adapter", "default")
     if isinstance(active, (list, tuple)):
         if len(active) != 1:
-            raise ValueError(f"model has several active adapters {list(active)}: pass adapter_name")
+            raise InputError(f"model has several active adapters {list(active)}: pass adapter_name")
         active = active[0]
     return active
 
@@ -50,16 +52,32 @@ def lora_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, 
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             continue
         if module.use_dora.get(adapter_name, False):
-            raise ValueError(f"{name}: DoRA adapters cannot be rank-pruned (the magnitude vector depends on all ranks)")
+            raise InputError(f"{name}: DoRA adapters cannot be rank-pruned (the magnitude vector depends on all ranks)")
         factors = (module.lora_A[adapter_name], module.lora_B[adapter_name])
         if not all(type(f) is nn.Linear for f in factors):
-            raise ValueError(f"{name}: only LoRA on linear layers can be rank-pruned, found {type(module).__name__}")
+            raise InputError(f"{name}: only LoRA on linear layers can be rank-pruned, found {type(module).__name__}")
         layers[name] = module
     if not layers:
-        raise ValueError(f"model has no LoRA layers for adapter {adapter_name!r}")
+        raise InputError(f"model has no LoRA layers for adapter {adapter_name!r}")
     return layers
 
 
 def factors(layer: LoraLayer, adapter_name: str):
     """(A, B) weights: A is r × in, B is out × r."""
     return layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+
+
+def layer_state(layer: LoraLayer, key: str, adapter_name: str):
+    """What LoRPA recorded on a layer for an adapter (calibration, sensitivity, injection-time values), or None.
+
+    Kept as a plain attribute, not a buffer, so it never enters peft's saved adapter."""
+    return layer.__dict__.get(key, {}).get(adapter_name)
+
+
+def set_layer_state(layer: LoraLayer, key: str, adapter_name: str, value) -> None:
+    """Record `value` on the layer for the adapter; None removes the record."""
+    states = layer.__dict__.setdefault(key, {})
+    if value is None:
+        states.pop(adapter_name, None)
+    else:
+        states[adapter_name] = value

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-SVD_SPLITS = ("balanced", "orthonormal_a")
+from .errors import InputError
+from .options import SVD_SPLITS
 
 
 def singular_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, split: str = "balanced"):
@@ -27,7 +28,7 @@ def singular_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, split: str = "b
     Computed in float64 and returned in the input dtype.
     """
     if split not in SVD_SPLITS:
-        raise ValueError(f"unknown svd split {split!r}; choose one of {', '.join(SVD_SPLITS)}")
+        raise InputError(f"unknown svd split {split!r}; choose one of {', '.join(SVD_SPLITS)}")
     A, B = lora_A.detach().double(), lora_B.detach().double()
     q_b, r_b = torch.linalg.qr(B)
     q_a, r_a = torch.linalg.qr(A.t())

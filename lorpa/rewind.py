@@ -2,7 +2,7 @@
 
 Classic lottery-ticket pruning resets the surviving weights to their initial values. peft does not
 keep those, so they are recorded here when the adapters are created and pruned along with them.
-The snapshot is a plain attribute (not a buffer), so it never enters peft's saved adapter.
+The snapshot is kept on each layer (`lorpa.layers.layer_state`), so it never enters peft's saved adapter.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import peft
 import torch
 from torch import nn
 
-from .layers import factors, lora_layers, resolve_adapter, unwrap
+from .layers import factors, layer_state, lora_layers, resolve_adapter, set_layer_state, unwrap
 
 SNAPSHOT_ATTR = "_lorpa_init"
 
@@ -22,8 +22,7 @@ def record_init(model: nn.Module, adapter_name: str | None = None) -> None:
     adapter_name = resolve_adapter(model, adapter_name)
     for layer in lora_layers(model, adapter_name).values():
         lora_A, lora_B = factors(layer, adapter_name)
-        snapshots = layer.__dict__.setdefault(SNAPSHOT_ATTR, {})
-        snapshots[adapter_name] = (lora_A.detach().cpu().clone(), lora_B.detach().cpu().clone())
+        set_layer_state(layer, SNAPSHOT_ATTR, adapter_name, (lora_A.detach().cpu().clone(), lora_B.detach().cpu().clone()))
 
 
 def get_peft_model(model: nn.Module, config: peft.LoraConfig, **kwargs) -> peft.PeftModel:
@@ -34,7 +33,7 @@ def get_peft_model(model: nn.Module, config: peft.LoraConfig, **kwargs) -> peft.
 
 
 def init_snapshot(layer: nn.Module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return layer.__dict__.get(SNAPSHOT_ATTR, {}).get(adapter_name)
+    return layer_state(layer, SNAPSHOT_ATTR, adapter_name)
 
 
 def init_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -54,4 +53,4 @@ def load_init_state_dict(model: nn.Module, state: dict[str, torch.Tensor], adapt
     adapter_name = resolve_adapter(model, adapter_name)
     for name, layer in lora_layers(model, adapter_name).items():
         snapshot = (state[f"{name}.lora_A"], state[f"{name}.lora_B"])
-        layer.__dict__.setdefault(SNAPSHOT_ATTR, {})[adapter_name] = snapshot
+        set_layer_state(layer, SNAPSHOT_ATTR, adapter_name, snapshot)

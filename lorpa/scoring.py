@@ -4,7 +4,8 @@ Component i of an adapter is the rank-1 matrix B[:, i] ⊗ A[i, :]. A score is o
 component; pruning keeps the highest-scoring ones. The rotated scores change the components first:
 `svd` scores the singular directions of ΔW = s·B·A (`lowrank.singular_factors`), `activation` the
 directions of ΔW·X on calibration inputs X (`lowrank.output_factors`, after `lorpa.calibrate`); `prune`
-rewrites the adapter in that basis before it keeps the leading directions.
+rewrites the adapter in that basis before it keeps the leading directions. Everything here works on tensors:
+`lorpa.plan` calls it for live layers and saved files alike.
 """
 
 from __future__ import annotations
@@ -14,16 +15,9 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .calibration import layer_calibration
-from .layers import factors, lora_layers, resolve_adapter, unwrap
+from .errors import InputError
 from .lowrank import output_factors, singular_factors
-from .sensitivity import tracked_sensitivity
-
-SCORES = ("magnitude", "elementwise", "random", "svd", "sensitivity", "activation")
-ROTATED_SCORES = ("svd", "activation")
-GLOBAL_NORMS = ("absolute", "relative")
 
 
 def magnitude_scores(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
@@ -37,9 +31,8 @@ def elementwise_scores(lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tens
     It pairs output j with input j, so it is only defined for square layers.
     """
     if lora_B.shape[0] != lora_A.shape[1]:
-        raise ValueError(
-            f"elementwise score needs in_features == out_features, got in={lora_A.shape[1]}, out={lora_B.shape[0]}"
-        )
+        raise InputError(f"elementwise score needs in_features == out_features, got in={lora_A.shape[1]}, "
+                         f"out={lora_B.shape[0]}")
     return (lora_B.detach().t() * lora_A.detach()).abs().sum(dim=1)
 
 
@@ -78,42 +71,3 @@ def rotate(score: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: floa
     new_A, new_B, energy, weight = output_factors(lora_A, lora_B, calibration.gram)
     per_token = energy.double() / max(calibration.tokens, 1)
     return Rotation(new_A, new_B, (abs(scaling) * per_token.sqrt()).float(), weight.double())
-
-
-def rank_scores(
-    model: nn.Module, score: str = "magnitude", *, seed: int | None = None, adapter_name: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Score every rank component of every LoRA module: {full module name: float tensor of length r}.
-
-    Scores are returned in float32 on the CPU so that ties and thresholds do not depend on the
-    training dtype or device. `svd` scores describe the singular basis, not the stored components;
-    `sensitivity` needs a `SensitivityCallback` (or `update_sensitivity`) during training, `activation` a
-    `lorpa.calibrate` pass; both rotated scores give the amplitudes of their own basis (`Rotation`).
-    """
-    if score not in SCORES:
-        raise ValueError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    model = unwrap(model)
-    adapter_name = resolve_adapter(model, adapter_name)
-    scores = {}
-    for name, layer in lora_layers(model, adapter_name).items():
-        lora_A, lora_B = factors(layer, adapter_name)
-        if score == "random":
-            values = random_scores(lora_A.shape[0], 0 if seed is None else seed, name)
-        elif score in ROTATED_SCORES:
-            calibration = layer_calibration(layer, adapter_name)
-            if score == "activation" and calibration is None:
-                raise ValueError(f"{name}: no calibration was recorded; run lorpa.calibrate(model, batches) first")
-            values = rotate(score, lora_A, lora_B, layer.scaling[adapter_name], calibration).amplitude
-        elif score == "sensitivity":
-            values = tracked_sensitivity(layer, adapter_name)
-            if values is None:
-                raise ValueError(
-                    f"{name}: no sensitivity was tracked; train with lorpa.SensitivityCallback "
-                    "(or call lorpa.update_sensitivity before each optimizer step) before pruning"
-                )
-        elif score == "elementwise":
-            values = elementwise_scores(lora_A.float(), lora_B.float())
-        else:
-            values = magnitude_scores(lora_A.float(), lora_B.float())
-        scores[name] = values.float().cpu()
-    return scores

@@ -13,7 +13,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .layers import factors, lora_layers, resolve_adapter, unwrap
+from .errors import InputError
+from .layers import factors, layer_state, lora_layers, resolve_adapter, set_layer_state, unwrap
 
 SENSITIVITY_ATTR = "_lorpa_sensitivity"
 DEFAULT_BETA = 0.85
@@ -30,7 +31,7 @@ def component_sensitivity(lora_A: nn.Parameter, lora_B: nn.Parameter) -> torch.T
 
 
 def tracked_sensitivity(layer: nn.Module, adapter_name: str) -> torch.Tensor | None:
-    return layer.__dict__.get(SENSITIVITY_ATTR, {}).get(adapter_name)
+    return layer_state(layer, SENSITIVITY_ATTR, adapter_name)
 
 
 def update_sensitivity(model: nn.Module, beta: float = DEFAULT_BETA, adapter_name: str | None = None) -> None:
@@ -39,10 +40,9 @@ def update_sensitivity(model: nn.Module, beta: float = DEFAULT_BETA, adapter_nam
     adapter_name = resolve_adapter(model, adapter_name)
     for layer in lora_layers(model, adapter_name).values():
         current = component_sensitivity(*factors(layer, adapter_name))
-        averages = layer.__dict__.setdefault(SENSITIVITY_ATTR, {})
-        previous = averages.get(adapter_name)
+        previous = tracked_sensitivity(layer, adapter_name)
         previous = torch.zeros_like(current) if previous is None else previous.to(current.device)
-        averages[adapter_name] = beta * previous + (1 - beta) * current
+        set_layer_state(layer, SENSITIVITY_ATTR, adapter_name, beta * previous + (1 - beta) * current)
 
 
 def sensitivity_state(model: nn.Module, adapter_name: str | None = None) -> dict[str, list[float]]:
@@ -63,7 +63,7 @@ def load_sensitivity_state(model: nn.Module, state: dict[str, list[float]], adap
     for name, layer in lora_layers(model, adapter_name).items():
         if name in state:
             values = torch.tensor(state[name], dtype=torch.float32)
-            layer.__dict__.setdefault(SENSITIVITY_ATTR, {})[adapter_name] = values
+            set_layer_state(layer, SENSITIVITY_ATTR, adapter_name, values)
 
 
 class SensitivityCallback(TrainerCallback, ExportableState):
@@ -75,7 +75,7 @@ class SensitivityCallback(TrainerCallback, ExportableState):
 
     def __init__(self, beta: float = DEFAULT_BETA):
         if not 0 <= beta < 1:
-            raise ValueError(f"sensitivity beta must be in [0, 1), got {beta}")
+            raise InputError(f"sensitivity beta must be in [0, 1), got {beta}")
         self.beta = beta
         self.model = None
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .prune_adapter import FILE_SCORES, REPORT_FILE, prune_saved_adapter
-from .pruning import PruneReport
+from .errors import InputError
+from .options import FILE_SCORES, PruneOptions
+from .plan import PruneReport
+from .prune_adapter import prune_saved_adapter
+from .stages import PRUNE_REPORT_FILE
 
 STAGE_ADAPTER_DIR = "adapter"  # inside a stage's folder: the adapter as that stage ended, before its prune
-FILE_OPTIONS = ("target_rank", "ratio", "energy", "total_rank", "score", "scope", "min_rank", "max_rank", "rank_multiple",
-                "alpha", "seed", "svd_split", "global_norm")
 
 
 def prunes_from_files(trainer) -> bool:
@@ -34,18 +35,18 @@ def fsdp_requested(args) -> bool:
     return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def check_sharded_options(*, score: str, rewind: str, calibrates: bool, tolerance) -> None:
-    """The options a prune through files can honour; ValueError names the others."""
-    problems = [f"score {score!r}"] if score not in FILE_SCORES else []
-    problems += ["rewind 'init'"] if rewind == "init" else []
+def check_sharded_options(options: PruneOptions, calibrates: bool) -> None:
+    """The options a prune through files can honour; InputError names the others."""
+    problems = [f"score {options.score!r}"] if options.score not in FILE_SCORES else []
+    problems += ["rewind 'init'"] if options.rewind == "init" else []
     problems += ["a calibration (activation score, calibration_batches)"] if calibrates else []
-    problems += ["a tolerance search"] if tolerance is not None else []
+    problems += ["a tolerance search"] if options.tolerance is not None else []
     if problems:
-        raise ValueError(f"under FSDP LoRPA prunes the gathered adapter from its files, without the model: "
+        raise InputError(f"under FSDP LoRPA prunes the gathered adapter from its files, without the model: "
                          f"{', '.join(problems)} cannot be used; choose the score from {', '.join(FILE_SCORES)}")
 
 
-def prune_through_files(trainer, stage_dir: str | Path, pruned_dir: str | Path, prune_kwargs: dict) -> PruneReport:
+def prune_through_files(trainer, stage_dir: str | Path, pruned_dir: str | Path, options: PruneOptions) -> PruneReport:
     """Save the stage's adapter in full, prune it into `pruned_dir` on process 0, and give every process its report.
 
     Every process must call this (saving a sharded model gathers it); afterwards the caller loads `pruned_dir`
@@ -55,7 +56,6 @@ def prune_through_files(trainer, stage_dir: str | Path, pruned_dir: str | Path, 
     trainer.save_model(str(adapter))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
-        prune_saved_adapter(adapter, pruned_dir, overwrite=True,
-                            **{key: value for key, value in prune_kwargs.items() if key in FILE_OPTIONS})
+        prune_saved_adapter(adapter, pruned_dir, options, overwrite=True)
     trainer.accelerator.wait_for_everyone()
-    return PruneReport.read(pruned_dir / REPORT_FILE)
+    return PruneReport.read(pruned_dir / PRUNE_REPORT_FILE)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .cli import UsageError
+from .errors import InputError
 
 PAPER_TARGET_RANK = 8  # RoBERTa in the paper; used when neither prune flag is given
 PRUNED_ADAPTER_DIR = "pruned_adapter"
@@ -20,10 +20,11 @@ class Stage:
     max_steps: int = -1  # >= 0: the stage's share of --max_steps, which overrides epochs
     prune_to: int | None = None  # target rank of the prune after this stage (None: the prune flags decide)
     prunes: bool = False  # whether a prune follows this stage
+    given: bool = False  # trained before this run (a given stage-1 adapter): evaluated, not trained
 
     @property
     def trains(self) -> bool:
-        return self.max_steps > 0 if self.max_steps >= 0 else self.epochs > 0
+        return not self.given and (self.max_steps > 0 if self.max_steps >= 0 else self.epochs > 0)
 
 
 def parse_prune_schedule(text: str, max_rank: int) -> list[tuple[float, int]]:
@@ -35,12 +36,12 @@ def parse_prune_schedule(text: str, max_rank: int) -> list[tuple[float, int]]:
             fraction, rank = item.split(":")
             steps.append((float(fraction), int(rank)))
         except ValueError:
-            raise UsageError(f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. 0.1:32,0.15:16,0.2:8)") from None
+            raise InputError(f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. 0.1:32,0.15:16,0.2:8)") from None
     fractions, ranks = [f for f, _ in steps], [r for _, r in steps]
     if not all(a < b for a, b in zip([0.0] + fractions, fractions)) or fractions[-1] > 1:
-        raise UsageError(f"--prune_schedule fractions must increase within (0, 1], got {fractions}")
+        raise InputError(f"--prune_schedule fractions must increase within (0, 1], got {fractions}")
     if not all(a > b for a, b in zip([max_rank + 1] + ranks, ranks)) or ranks[-1] < 1:
-        raise UsageError(f"--prune_schedule ranks must decrease from at most --lora_r={max_rank} to >= 1, got {ranks}")
+        raise InputError(f"--prune_schedule ranks must decrease from at most --lora_r={max_rank} to >= 1, got {ranks}")
     return steps
 
 
@@ -63,11 +64,6 @@ def lorpa_stages(schedule: list[tuple[float, int | None]], num_train_epochs: flo
     if stage2_steps is not None:
         final_epochs, final_steps = 0.0, stage2_steps
     return stages + [Stage(f"stage{len(stages) + 1}", final_epochs, final_steps)]
-
-
-def stage_prune_kwargs(prune_kwargs: dict, stage: Stage) -> dict:
-    """`lorpa.prune`'s options for the prune after `stage`: the run's, with the schedule's rank when it sets one."""
-    return prune_kwargs if stage.prune_to is None else {**prune_kwargs, "target_rank": stage.prune_to, "ratio": None}
 
 
 def prune_files(stages: list[Stage], index: int) -> tuple[str, str]:

@@ -1,26 +1,36 @@
 """Size by tolerance: the smallest adapter whose score stays within `tolerance` of the unpruned adapter's.
 
-A cut at the end of training needs no retraining, so each candidate costs one truncation and one
-evaluation. The score is close to monotone in the budget, so the budget (rank components kept over all
-modules, one global ranking) is found by bisection, about log2 of the adapter's total rank evaluations,
-and every candidate is recorded. Evaluate on data held out from training and from the reported split
-(a selection split), or the choice is made on the numbers it reports.
+A cut at the end of training needs no retraining, so each candidate costs one truncation and one evaluation. The
+score is close to monotone in the budget, so the budget (rank components kept over all modules, one global
+ranking) is found by bisection, about log2 of the adapter's total rank evaluations, and every candidate is
+recorded. Evaluate on data held out from training and from the reported split (a selection split), or the choice
+is made on the numbers it reports. `lorpa.prune_to_tolerance` searches a live model; `prune_saved_adapter_to_tolerance`
+a saved adapter, scoring each candidate folder with a command.
 """
 
 from __future__ import annotations
 
-import copy
+import math
+import os
+import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
-from torch import nn
-
-from .budgets import Budget, parameters
-from .calibration import CALIBRATION_ATTR
-from .layers import factors, lora_layers, resolve_adapter, unwrap
-from .pruning import PruneReport, prune
-from .rewind import SNAPSHOT_ATTR
-from .sensitivity import SENSITIVITY_ATTR
+from .adapter_files import (
+    TOLERANCE_FILE,
+    AdapterFolder,
+    files_options,
+    pruned_config,
+    staging_folder,
+    write_json,
+    write_pruned_adapter,
+)
+from .budgets import parameters
+from .errors import InputError
+from .options import PruneOptions
+from .plan import build_plan, choose_kept, score_modules
 
 
 @dataclass
@@ -51,21 +61,27 @@ def search_budget(evaluate: Callable[[int], Candidate], lowest: int, highest: in
     `evaluate(budget)` truncates to `budget` components and scores the result. The unpruned adapter (highest ==
     full_rank) qualifies by definition and is not evaluated again; a lower `highest` (a rank cap) is tried first.
     """
+    for name, value in (("tolerance", tolerance), ("the unpruned adapter's score", reference)):
+        if not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value}")
     if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        raise InputError(f"tolerance must be >= 0, got {tolerance}")
     search = ToleranceSearch(reference, tolerance, full_rank, full_parameters)
     low, high = lowest, highest  # `high` qualifies
-    if highest < full_rank:
-        capped = evaluate(highest)
-        search.candidates.append(capped)
-        if capped.score < reference - tolerance:
-            search.kept, search.within = highest, False
-            return search
+
+    def scored(budget: int) -> Candidate:
+        candidate = evaluate(budget)
+        if not math.isfinite(candidate.score):
+            raise InputError(f"the candidate of total rank {budget} scored {candidate.score}; scores must be finite")
+        search.candidates.append(candidate)
+        return candidate
+
+    if highest < full_rank and scored(highest).score < reference - tolerance:
+        search.kept, search.within = highest, False
+        return search
     while low < high:
         middle = (low + high) // 2
-        candidate = evaluate(middle)
-        search.candidates.append(candidate)
-        if candidate.score >= reference - tolerance:
+        if scored(middle).score >= reference - tolerance:
             high = middle
         else:
             low = middle + 1
@@ -73,61 +89,62 @@ def search_budget(evaluate: Callable[[int], Candidate], lowest: int, highest: in
     return search
 
 
-class AdapterState:
-    """Everything a prune changes on a model, kept so that every candidate starts from the same unpruned adapter."""
-
-    def __init__(self, model: nn.Module, adapter_name: str):
-        self.model, self.adapter_name = model, adapter_name
-        self.layers = {}
-        for name, layer in lora_layers(model, adapter_name).items():
-            lora_A, lora_B = factors(layer, adapter_name)
-            extras = {attr: copy.copy(layer.__dict__.get(attr, {}).get(adapter_name)) for attr in (CALIBRATION_ATTR, SENSITIVITY_ATTR, SNAPSHOT_ATTR)}
-            self.layers[name] = (lora_A.detach().clone(), lora_B.detach().clone(), layer.r[adapter_name],
-                                 layer.lora_alpha[adapter_name], layer.scaling[adapter_name],
-                                 layer.use_rslora.get(adapter_name, False), extras)
-        self.config = copy.deepcopy(model.peft_config[adapter_name])
-
-    def restore(self) -> None:
-        for name, layer in lora_layers(self.model, self.adapter_name).items():
-            lora_A, lora_B, rank, alpha, scale, rslora, extras = self.layers[name]
-            module_A, module_B = layer.lora_A[self.adapter_name], layer.lora_B[self.adapter_name]
-            module_A.weight = nn.Parameter(lora_A.clone(), requires_grad=module_A.weight.requires_grad)
-            module_B.weight = nn.Parameter(lora_B.clone(), requires_grad=module_B.weight.requires_grad)
-            module_A.out_features = module_B.in_features = rank
-            layer.r[self.adapter_name], layer.lora_alpha[self.adapter_name] = rank, alpha
-            layer.scaling[self.adapter_name], layer.use_rslora[self.adapter_name] = scale, rslora
-            for attr, value in extras.items():
-                if value is not None:
-                    layer.__dict__.setdefault(attr, {})[self.adapter_name] = copy.copy(value)
-        self.model.peft_config[self.adapter_name] = copy.deepcopy(self.config)
+def run_evaluation(command: list[str], adapter: Path) -> float:
+    """The score `command` prints as the last word of its output for `adapter` (each `{adapter}` in it is replaced
+    by the folder); it must be a finite number."""
+    argv = [part.replace("{adapter}", str(adapter)) for part in command]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as error:
+        raise InputError(f"--evaluate: cannot run {argv[0]}: {error.strerror or error}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [""])[-1]
+        raise InputError(f"--evaluate exited {done.returncode} on {adapter}: {last}")
+    lines = done.stdout.strip().splitlines()
+    try:
+        score = float(lines[-1].split()[-1])
+    except (IndexError, ValueError):
+        raise InputError(f"--evaluate printed no score on its last line for {adapter} (it must end with a number)") from None
+    if not math.isfinite(score):
+        raise InputError(f"--evaluate printed {lines[-1].split()[-1]} for {adapter}; the score must be a finite number")
+    return score
 
 
-def prune_to_tolerance(model: nn.Module, evaluate: Callable[[nn.Module], float], tolerance: float, *,
-                       score: str = "svd", min_rank: int = 1, max_rank: int | None = None, rank_multiple: int = 1,
-                       adapter_name: str | None = None, **options) -> tuple[PruneReport, ToleranceSearch]:
-    """Prune `model` in place to the smallest global budget whose `evaluate(model)` score is within `tolerance` of
-    the unpruned model's; the other options are `lorpa.prune`'s (its budget is what this chooses).
+def prune_saved_adapter_to_tolerance(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                                     evaluate: list[str], options: PruneOptions | None = None, *,
+                                     overwrite: bool = False, **keywords):
+    """The smallest global budget whose score, as the command `evaluate` prints it for each candidate folder, is
+    within `options.tolerance` of the input adapter's; every candidate goes to OUTPUT_DIR/tolerance_search.json.
+    Returns (prune report, search)."""
+    options, adapter_dir, output_dir = files_options(adapter_dir, output_dir, options, keywords, overwrite)
+    if options.tolerance is None:
+        raise InputError("a tolerance search needs tolerance: how far below the input's score a candidate may be")
+    if not evaluate:
+        raise InputError("--tolerance needs --evaluate COMMAND, which prints a score for the adapter folder {adapter}")
+    adapter = AdapterFolder(adapter_dir)
+    shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
+    ranks = {name: m.rank for name, m in adapter.modules.items()}
+    scored = score_modules(adapter.module_factors(), options)
 
-    evaluate(model) -> float: higher is better, in the units of `tolerance` (e.g. accuracy × 100 and 0.5 points).
-    """
-    model = unwrap(model)
-    adapter_name = resolve_adapter(model, adapter_name)
-    layers = lora_layers(model, adapter_name)
-    shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
-    ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
-    budget = Budget(total_rank=1, min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple)
-    lowest = sum(budget.bounds(rank)[0] for rank in ranks.values())
-    highest = sum(budget.bounds(rank)[1] for rank in ranks.values())
-    kwargs = dict(score=score, scope="global", min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple,
-                  adapter_name=adapter_name, **options)
-    state = AdapterState(model, adapter_name)
-    reference = float(evaluate(model))
+    def plan(total_rank: int):
+        budget = options.at_total(total_rank)
+        return build_plan(scored, budget, choose_kept(scored, budget))
 
     def candidate(total_rank: int) -> Candidate:
-        state.restore()
-        report = prune(model, total_rank=total_rank, **kwargs)
-        return Candidate(sum(report.ranks.values()), parameters(shapes, report.ranks), float(evaluate(model)))
+        planned = plan(total_rank)
+        folder = staging_folder(output_dir, "candidate")
+        try:
+            target = folder / "adapter"
+            write_pruned_adapter(adapter, planned, target, pruned_config(adapter, planned.report))
+            ranks = planned.report.ranks
+            return Candidate(sum(ranks.values()), parameters(shapes, ranks), run_evaluation(evaluate, target))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    search = search_budget(candidate, lowest, highest, sum(ranks.values()), parameters(shapes, ranks), reference, tolerance)
-    state.restore()
-    return prune(model, total_rank=search.kept, **kwargs), search
+    search = search_budget(candidate, sum(options.bounds(r)[0] for r in ranks.values()),
+                           sum(options.bounds(r)[1] for r in ranks.values()), sum(ranks.values()),
+                           parameters(shapes, ranks), run_evaluation(evaluate, adapter.folder), options.tolerance)
+    final = plan(search.kept)
+    write_pruned_adapter(adapter, final, output_dir, pruned_config(adapter, final.report))
+    write_json(Path(output_dir, TOLERANCE_FILE), search.to_dict())
+    return final.report, search

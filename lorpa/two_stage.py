@@ -5,17 +5,15 @@
         model,
         lambda model, args: SFTTrainer(model=model, args=args, train_dataset=data),  # or any Trainer
         SFTConfig(output_dir="out", num_train_epochs=3),                            # the whole run
-        target_rank=8,
+        lorpa.PruneOptions(target_rank=8),
     )
     result.trainer.save_model("out")                                             # a standard peft adapter
 
-Every stage after a prune needs its own Trainer: pruning replaces the LoRA parameters, so the
-previous optimizer, LR schedule and DDP / accelerate wrapper all hold tensors that no longer exist.
-`make_trainer` builds a Trainer for the model it is given (the pruned one after a prune), which wraps
-it afresh. Under DDP every process calls `train_two_stage` as it would call `trainer.train()`; `prune`
-makes every process keep rank 0's components. The stages are the run scripts' (`lorpa.stages`):
-the same split of epochs or steps, `prune_schedule` for several prunes, and `stage1_ratio=1.0` to
-prune after the whole budget with no retraining.
+Every stage after a prune needs its own Trainer: pruning replaces the LoRA parameters, so the previous optimizer,
+LR schedule and DDP / accelerate wrapper all hold tensors that no longer exist. `make_trainer` builds a Trainer for
+the model it is given (the pruned one after a prune), which wraps it afresh. Under DDP every process calls
+`train_two_stage` as it would call `trainer.train()`; the prune makes every process keep process 0's components.
+`StageLoop` is the one loop: the run scripts use it too, adding what only they need through `StageCallback`s.
 """
 
 from __future__ import annotations
@@ -23,180 +21,250 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-import torch
 from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .calibration import calibrate, calibration_tokens_wanted, trainer_batches
-from .checkpoints import find_resume_point, write_json_atomic
-from .cli import UsageError
+from .adapter_files import AdapterFolder
+from .calibration import TOKENS, calibrate, calibration_tokens_wanted, trainer_batches
+from .checkpoints import find_resume_point, read_records, redo_from, write_json_atomic
 from .distributed import release_training_wrapper
+from .errors import InputError
 from .layers import lora_layers, resolve_adapter, unwrap
-from .pruning import ModulePruning, PruneReport, _shrink_layer, _update_config, check_prune_arguments, prune
+from .options import PruneOptions, resolve
+from .plan import PruneReport
+from .pruning import apply_prune_report, check_prune, prune, prune_to_tolerance
 from .sensitivity import DEFAULT_BETA, SensitivityCallback, restore_sensitivity
-from .stages import PAPER_TARGET_RANK, lorpa_stages, parse_prune_schedule, prune_files, stage_prune_kwargs
 from .sharded import check_sharded_options, fsdp_requested, prune_through_files, prunes_from_files
-from .tolerance import ToleranceSearch, prune_to_tolerance
+from .stages import PAPER_TARGET_RANK, Stage, lorpa_stages, parse_prune_schedule, prune_files
+from .tolerance import ToleranceSearch
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOptions:
+    """How a run's budget is split into stages around its prune(s), and what is recorded for them."""
+
+    stage1_ratio: float = 0.2  # share of the budget trained at r0 before the prune; 1.0 prunes at the end
+    prune_schedule: str | None = None  # several prunes, "FRACTION:RANK,..." (e.g. "0.1:32,0.15:16,0.2:8")
+    stage2_epochs: float | None = None  # epochs of retraining after the (last) prune; default: the rest
+    stage2_steps: int | None = None  # optimizer steps of retraining after the (last) prune (a short recovery)
+    calibration_batches: int | None = None  # batches `lorpa.calibrate` runs before each prune (activation score)
+    calibration_tokens: str = "real"  # which positions the calibration counts (`lorpa.calibrate`)
+    sensitivity_beta: float = DEFAULT_BETA  # moving-average factor of the sensitivity score
+
+    def __post_init__(self):
+        if not 0 < self.stage1_ratio <= 1:
+            raise InputError(f"stage1_ratio must be in (0, 1], got {self.stage1_ratio}")
+        if self.stage2_epochs is not None and not self.stage2_epochs >= 0:
+            raise InputError(f"stage2_epochs must be >= 0, got {self.stage2_epochs}")
+        if self.stage2_steps is not None and self.stage2_steps < 0:
+            raise InputError(f"stage2_steps must be >= 0, got {self.stage2_steps}")
+        if self.stage2_steps is not None and self.stage2_epochs is not None:
+            raise InputError("give stage2_epochs or stage2_steps, not both")
+        if self.calibration_batches is not None and self.calibration_batches < 1:
+            raise InputError(f"calibration_batches must be a positive integer, got {self.calibration_batches}")
+        if self.calibration_tokens not in TOKENS:
+            raise InputError(f"unknown calibration_tokens {self.calibration_tokens!r}; choose one of {', '.join(TOKENS)}")
+        if not 0 <= self.sensitivity_beta < 1:
+            raise InputError(f"sensitivity_beta must be in [0, 1), got {self.sensitivity_beta}")
+
+    def schedule(self, r0: int) -> list[tuple[float, int | None]]:
+        """(fraction of the budget after which to prune, target rank) per prune; None: the options' budget."""
+        if self.prune_schedule is None:
+            return [(self.stage1_ratio, None)]
+        return parse_prune_schedule(self.prune_schedule, r0)
+
+    def stages(self, num_train_epochs: float, max_steps: int, r0: int) -> list[Stage]:
+        return lorpa_stages(self.schedule(r0), num_train_epochs, max_steps, self.stage2_epochs, self.stage2_steps)
+
+    @property
+    def retrains(self) -> bool:
+        """Whether training follows the last prune (else the cut is left as it is: svd is the default score)."""
+        last = 1.0 if self.prune_schedule is None and self.stage1_ratio == 1 else None
+        if self.prune_schedule is not None:
+            last = float(self.prune_schedule.split(",")[-1].split(":")[0]) if ":" in self.prune_schedule else 0.0
+        return not (last == 1.0 and not self.stage2_epochs and not self.stage2_steps)
+
+    def calibrates(self, options: PruneOptions) -> bool:
+        """A calibration pass precedes each prune: the activation score needs one, and any score measures its
+        output error with one."""
+        return options.score == "activation" or self.calibration_batches is not None
+
+
+@dataclasses.dataclass
+class PruneStep:
+    """One prune of a run, as the loop made it."""
+
+    report: PruneReport
+    calibration_tokens: int | None = None  # tokens `lorpa.calibrate` counted before it
+    tolerance_search: ToleranceSearch | None = None
 
 
 @dataclasses.dataclass
 class TwoStageResult:
-    model: nn.Module  # the pruned, retrained model (the PeftModel passed in, changed in place)
+    model: nn.Module  # the pruned, retrained model (the PeftModel passed in, changed in place; a new one under FSDP)
     trainer: Trainer  # the last stage's Trainer: evaluate, save_model or push_to_hub with it
-    prune_report: PruneReport  # the last prune's
+    prune_report: PruneReport | None  # the last prune's
     prune_reports: list[PruneReport] = dataclasses.field(default_factory=list)  # every prune, in order
-    tolerance_search: ToleranceSearch | None = None  # with `tolerance`: every candidate budget and the one kept
+    tolerance_search: ToleranceSearch | None = None  # with a tolerance: every candidate budget and the one kept
 
 
-def apply_prune_report(model: nn.Module, report: PruneReport) -> None:
-    """Give a model the shapes, alphas and config of an earlier pruning (its values come from a checkpoint)."""
-    model = unwrap(model)
-    adapter_name = resolve_adapter(model, None)
-    layers = lora_layers(model, adapter_name)
-    if set(layers) != set(report.modules):
-        raise ValueError("the prune report names other modules than the model's LoRA layers")
-    for name, layer in layers.items():
-        module = report.modules[name]
-        if layer.r[adapter_name] != module.old_rank:
-            raise ValueError(f"{name} has rank {layer.r[adapter_name]}; the prune report started from {module.old_rank}")
-        _shrink_layer(layer, adapter_name, torch.tensor(module.kept), module.new_alpha, "none", fold=report.folded)
-    _update_config(model, adapter_name, report)
+class StageCallback:
+    """What a caller adds to the loop (the run scripts: AdaLoRA's budget, evaluations, summaries). Every method is
+    optional; `resume` is the checkpoint a stage resumes from."""
+
+    def on_stage_begin(self, stage: Stage, trainer: Trainer, resume: str | None) -> None: ...
+
+    def on_stage_end(self, stage: Stage, trainer: Trainer) -> None: ...
+
+    def on_prune(self, stage: Stage, trainer: Trainer, model: nn.Module, step: PruneStep) -> None: ...
 
 
-def train_two_stage(
-    model: nn.Module,
-    make_trainer: Callable[[nn.Module, TrainingArguments], Trainer],
-    args: TrainingArguments,
-    *,
-    stage1_ratio: float = 0.2,
-    prune_schedule: str | None = None,
-    target_rank: int | None = None,
-    ratio: float | None = None,
-    energy: float | None = None,
-    score: str = "magnitude",
-    scope: str = "module",
-    min_rank: int = 1,
-    max_rank: int | None = None,
-    rank_multiple: int = 1,
-    alpha: str | float = "keep_scaling",
-    rewind: str = "none",
-    seed: int | None = None,
-    svd_split: str = "balanced",
-    global_norm: str = "absolute",
-    sensitivity_beta: float = DEFAULT_BETA,
-    calibration_batches: int | None = None,
-    calibration_tokens: str = "real",
-    stage2_steps: int | None = None,
-    tolerance: float | None = None,
-    evaluate: Callable[[nn.Module], float] | None = None,
-    make_model: Callable[[], nn.Module] | None = None,
-    resume_from_checkpoint: str | None = None,
-) -> TwoStageResult:
+def stage_arguments(args: TrainingArguments, stage: Stage) -> TrainingArguments:
+    """The run's arguments for one stage: its share of the budget, in its own sub-folder."""
+    return dataclasses.replace(args, output_dir=str(Path(args.output_dir, stage.name)), num_train_epochs=stage.epochs,
+                               max_steps=stage.max_steps, resume_from_checkpoint=None)
+
+
+@dataclasses.dataclass
+class StageLoop:
+    """Train `stages` in order, pruning after each stage that says so, with a fresh Trainer per stage; resume from
+    `args.resume_from_checkpoint` (a `checkpoint-N` folder of any stage, or "latest") by re-applying the recorded
+    prunes to the r0 model and loading the checkpoint."""
+
+    make_trainer: Callable[[nn.Module, TrainingArguments], Trainer]
+    args: TrainingArguments
+    options: PruneOptions
+    stage_options: StageOptions = StageOptions()
+    evaluate: Callable[[nn.Module], float] | None = None  # scores a candidate of a tolerance search
+    make_model: Callable[[], nn.Module] | None = None  # the base model, loaded afresh: under FSDP
+    callbacks: Sequence[StageCallback] = ()
+
+    def check(self, model: nn.Module) -> None:
+        """Everything that can be checked before stage 1, so a bad option fails in seconds, not after training."""
+        if self.options.tolerance is not None and (self.evaluate is None or self.stage_options.retrains
+                                                   or self.stage_options.prune_schedule is not None):
+            raise InputError("a tolerance chooses the budget of a cut at the end: pass evaluate, stage1_ratio=1.0, no "
+                             "retraining and no prune_schedule")
+        check_prune(model, self.options, calibrated=False)
+        if fsdp_requested(self.args):
+            check_sharded_options(self.options, self.stage_options.calibrates(self.options))
+            if self.make_model is None:
+                raise InputError("under FSDP pass make_model (a function that loads the base model): the stage after a "
+                                 "prune starts from a fresh, unsharded model with the pruned adapter")
+
+    def resumed_reports(self, model: nn.Module, stages: list[Stage], start: int) -> list[PruneReport]:
+        """The prunes recorded before stage `start`, re-applied to `model`; a missing or damaged record (report or
+        pruned adapter) is one line that says what to resume from."""
+        output_dir = self.args.output_dir
+        records = read_records(output_dir, stages, start, lambda i: prune_files(stages, i)[1] if stages[i].prunes else None)
+        for index in (i for i in range(start) if stages[i].prunes):
+            try:
+                AdapterFolder(Path(output_dir, prune_files(stages, index)[0]))
+            except InputError as error:
+                raise InputError(f"{error}; {redo_from(output_dir, stages, start)}") from None
+        reports = []
+        for record in records:
+            try:
+                reports.append(PruneReport.from_dict(record))
+            except (KeyError, TypeError, AttributeError) as error:
+                raise InputError(f"{output_dir}: the record of the pruning step is missing or damaged ({error!r}); "
+                                 f"{redo_from(output_dir, stages, start)}") from None
+            apply_prune_report(model, reports[-1])
+        return reports
+
+    def prune_after(self, stage: Stage, index: int, stages: list[Stage], trainer: Trainer, model: nn.Module):
+        """The prune after stage `index`, saved as the run layout says: (model to train next, PruneStep)."""
+        options = self.options if stage.prune_to is None else self.options.at_rank(stage.prune_to)
+        adapter_dir, report_file = (Path(self.args.output_dir, name) for name in prune_files(stages, index))
+        step = None
+        if prunes_from_files(trainer):  # sharded: prune the saved adapter, load it on a fresh model
+            step = PruneStep(prune_through_files(trainer, trainer.args.output_dir, adapter_dir, options))
+            model = PeftModel.from_pretrained(self.make_model(), adapter_dir, is_trainable=True)
+        else:
+            tokens = None
+            if self.stage_options.calibrates(options):
+                batches = trainer_batches(trainer, self.stage_options.calibration_batches, calibration_tokens_wanted(model))
+                tokens = calibrate(model, batches, tokens=self.stage_options.calibration_tokens)
+            if options.tolerance is None:
+                step = PruneStep(prune(model, options), tokens)
+            else:
+                report, search = prune_to_tolerance(model, self.evaluate, options=options)
+                step = PruneStep(report, tokens, search)
+            trainer.save_model(str(adapter_dir))
+        if trainer.is_world_process_zero():
+            write_json_atomic(report_file, step.report.to_dict())
+        return model, step
+
+    def run(self, model: nn.Module, stages: list[Stage]) -> TwoStageResult:
+        if any(stage.prunes for stage in stages):
+            self.check(model)
+        start, checkpoint = find_resume_point(self.args.resume_from_checkpoint, self.args.output_dir, stages)
+        reports = self.resumed_reports(model, stages, start)
+        search = None
+        sensitivity = self.options.score == "sensitivity"
+        for index, stage in enumerate(stages[start:], start=start):
+            trainer = self.make_trainer(model, stage_arguments(self.args, stage))
+            resume = checkpoint if index == start else None
+            if sensitivity and stage.prunes:
+                trainer.add_callback(SensitivityCallback(self.stage_options.sensitivity_beta))
+                if resume is not None:
+                    restore_sensitivity(model, json.loads(Path(resume, "trainer_state.json").read_text()))
+            for callback in self.callbacks:
+                callback.on_stage_begin(stage, trainer, resume)
+            if stage.trains:
+                trainer.train(resume_from_checkpoint=resume)
+                release_training_wrapper(trainer)  # so the script may leave its process group safely
+            for callback in self.callbacks:
+                callback.on_stage_end(stage, trainer)
+            if stage.prunes:
+                model, step = self.prune_after(stage, index, stages, trainer, model)
+                reports.append(step.report)
+                search = step.tolerance_search or search
+                for callback in self.callbacks:
+                    callback.on_prune(stage, trainer, model, step)
+        return TwoStageResult(model, trainer, reports[-1] if reports else None, reports, search)
+
+
+def train_two_stage(model: nn.Module, make_trainer: Callable[[nn.Module, TrainingArguments], Trainer],
+                    args: TrainingArguments, options: PruneOptions | None = None, *, stages: StageOptions | None = None,
+                    evaluate: Callable[[nn.Module], float] | None = None, make_model: Callable[[], nn.Module] | None = None,
+                    **keywords) -> TwoStageResult:
     """Train `model` (a peft LoRA model at rank r0) in stages with LoRPA pruning between them.
 
-    make_trainer(model, stage_args) -> Trainer: called once per stage with that stage's arguments
-        (a copy of `args` with its share of the epochs or steps and its own output sub-folder).
-    args: the arguments of the whole run; any TrainingArguments subclass (e.g. TRL's SFTConfig).
-    stage1_ratio: share of the budget trained before the prune; 1.0 prunes at the end, and the last
-        Trainer is then only built (for evaluating or saving), not trained.
-    prune_schedule: several prunes, "FRACTION:RANK,..." (e.g. "0.1:32,0.15:16,0.2:8"), instead of
-        stage1_ratio and target_rank / ratio.
-    The pruning options are `lorpa.prune`'s; neither `target_rank` nor `ratio` keeps 8 per module
-    (the paper's RoBERTa setting). `seed` (default `args.seed`) drives the random score. With
-    score="sensitivity" a `SensitivityCallback` is added to every Trainer that a prune follows. Before each
-    prune with score="activation" (or any score, when `calibration_batches` is given, to report its output
-    error) `lorpa.calibrate` runs on the stage's training set in order: `calibration_batches` batches, by
-    default as many as hold 64 tokens per unit of the LoRA rank; `calibration_tokens` as in `calibrate`.
-    stage2_steps: optimizer steps of retraining after the last prune (a short recovery), instead of the rest
-        of the budget.
-    tolerance, evaluate: with stage1_ratio=1.0 and no budget, keep the smallest global budget whose
-        `evaluate(model)` score (higher is better, in the units of `tolerance`; score held-out data, not the
-        set you report) is within `tolerance` of the unpruned model's (`lorpa.prune_to_tolerance`).
+    make_trainer(model, stage_args) -> Trainer: called once per stage with that stage's arguments (a copy of
+        `args` with its share of the epochs or steps and its own output sub-folder).
+    args: the arguments of the whole run; any TrainingArguments subclass (e.g. TRL's SFTConfig). Its
+        `resume_from_checkpoint` (a `checkpoint-N` folder of any stage, or "latest") resumes the run; `model` is
+        then the r0 model as at the start.
+    options: the prune (`PruneOptions`; the paper's target_rank 8 when it gives no budget; its seed defaults to
+        `args.seed`); stages: how the budget is split (`StageOptions`: stage1_ratio, prune_schedule, ...).
+        Their fields may also be given as keywords, as may resume_from_checkpoint.
+    evaluate(model) -> float: with a tolerance budget (stage1_ratio=1.0), scores each candidate (higher is better,
+        in the units of the tolerance; score held-out data, not the set you report).
+    make_model() -> the base model (without adapters), loaded as for stage 1: needed under FSDP (`args.fsdp` or an
+        `accelerate launch` FSDP config), where each prune goes through the saved adapter's files (`lorpa.sharded`)
+        and the next stage starts from `make_model()` with the pruned adapter; `result.model` is that model.
     Each pruned adapter and its report are saved in `args.output_dir` (as the run scripts name them).
-    make_model() -> the base model (without adapters), loaded as for stage 1: needed under FSDP (`args.fsdp`
-        or an `accelerate launch` FSDP config), where a sharded model cannot be pruned in place: each prune
-        then goes through the saved adapter's files (`lorpa.sharded`) and the next stage starts from
-        `make_model()` with the pruned adapter, which its Trainer shards afresh; `result.model` is that model.
-    resume_from_checkpoint: a `checkpoint-N` folder of any stage, or "latest"; `model` is the r0
-        model as at the start (a later-stage resume re-applies the recorded prunes, then loads the checkpoint).
     """
-    if not 0 < stage1_ratio <= 1:
-        raise ValueError(f"stage1_ratio must be in (0, 1], got {stage1_ratio}")
-    if tolerance is not None and (evaluate is None or stage1_ratio != 1 or prune_schedule is not None
-                                  or any(v is not None for v in (target_rank, ratio, energy))):
-        raise ValueError("tolerance chooses the budget of a cut at the end: pass evaluate, stage1_ratio=1.0 and no "
-                         "target_rank / ratio / energy / prune_schedule")
-    if prune_schedule is None and target_rank is None and ratio is None and energy is None and tolerance is None:
-        target_rank = PAPER_TARGET_RANK
-    prune_kwargs = dict(target_rank=target_rank, ratio=ratio, energy=energy, score=score, scope=scope,
-                        min_rank=min_rank, max_rank=max_rank, rank_multiple=rank_multiple, alpha=alpha, rewind=rewind,
-                        seed=args.seed if seed is None else seed, svd_split=svd_split, global_norm=global_norm)
-    if tolerance is not None:
-        prune_kwargs.update(scope="global")
-    try:
-        if prune_schedule is not None:
-            if target_rank is not None or ratio is not None:
-                raise UsageError("prune_schedule sets the ranks; drop target_rank / ratio")
-            r0 = max(layer.r[resolve_adapter(unwrap(model), None)] for layer in lora_layers(model).values())
-            schedule = parse_prune_schedule(prune_schedule, r0)
-            prune_kwargs.update(target_rank=schedule[0][1])
-        else:
-            schedule = [(stage1_ratio, None)]
-        checked = prune_kwargs if tolerance is None else {**prune_kwargs, "total_rank": 1}
-        check_prune_arguments(model, **checked, calibrated=False)  # fail before stage 1, not after it
-        if fsdp_requested(args):
-            check_sharded_options(score=score, rewind=rewind, tolerance=tolerance,
-                                  calibrates=score == "activation" or calibration_batches is not None)
-            if make_model is None:
-                raise UsageError("under FSDP pass make_model (a function that loads the base model): stage 2 starts "
-                                 "from a fresh, unsharded model with the pruned adapter")
-        stages = lorpa_stages(schedule, args.num_train_epochs, args.max_steps, stage2_steps=stage2_steps)
-        start, checkpoint = find_resume_point(resume_from_checkpoint, args.output_dir, stages)
-    except UsageError as error:
-        raise ValueError(str(error)) from error
-
-    reports = [PruneReport.read(Path(args.output_dir, prune_files(stages, i)[1])) for i in range(start) if stages[i].prunes]
-    for report in reports:
-        apply_prune_report(model, report)
-    search = None  # the tolerance search, when this call made it (a resumed stage 2 re-applies its recorded prune)
-    for index, stage in enumerate(stages[start:], start=start):
-        stage_args = dataclasses.replace(
-            args, output_dir=str(Path(args.output_dir, stage.name)), num_train_epochs=stage.epochs,
-            max_steps=stage.max_steps, resume_from_checkpoint=None,
-        )
-        trainer = make_trainer(model, stage_args)
-        resume = checkpoint if index == start else None
-        if score == "sensitivity" and stage.prunes:
-            trainer.add_callback(SensitivityCallback(sensitivity_beta))
-            if resume is not None:
-                restore_sensitivity(model, json.loads(Path(resume, "trainer_state.json").read_text()))
-        if stage.trains:
-            trainer.train(resume_from_checkpoint=resume)
-            release_training_wrapper(trainer)  # so the script may leave its process group safely (lorpa.distributed)
-        if stage.prunes and prunes_from_files(trainer):  # sharded: prune the saved adapter, load it on a fresh model
-            adapter_dir, report_file = prune_files(stages, index)
-            reports.append(prune_through_files(trainer, stage_args.output_dir, Path(args.output_dir, adapter_dir),
-                                               stage_prune_kwargs(prune_kwargs, stage)))
-            if trainer.is_world_process_zero():
-                write_json_atomic(Path(args.output_dir, report_file), reports[-1].to_dict())
-            del trainer
-            model = PeftModel.from_pretrained(make_model(), Path(args.output_dir, adapter_dir), is_trainable=True)
-        elif stage.prunes:
-            if score == "activation" or calibration_batches is not None:
-                batches = trainer_batches(trainer, calibration_batches, calibration_tokens_wanted(model))
-                calibrate(model, batches, tokens=calibration_tokens)
-            if tolerance is None:
-                reports.append(prune(model, **stage_prune_kwargs(prune_kwargs, stage)))
-            else:
-                options = {k: v for k, v in prune_kwargs.items() if k not in ("target_rank", "ratio", "energy", "scope")}
-                report, search = prune_to_tolerance(model, evaluate, tolerance, **options)
-                reports.append(report)
-            adapter_dir, report_file = prune_files(stages, index)
-            trainer.save_model(str(Path(args.output_dir, adapter_dir)))
-            if trainer.is_world_process_zero():
-                write_json_atomic(Path(args.output_dir, report_file), reports[-1].to_dict())
-            del trainer  # its optimizer and DDP wrapper hold the pre-pruning parameters
-    return TwoStageResult(model, trainer, reports[-1], reports, search)
+    stage_fields = {f.name for f in dataclasses.fields(StageOptions)}
+    unknown = set(keywords) - stage_fields - {f.name for f in dataclasses.fields(PruneOptions)} - {"resume_from_checkpoint"}
+    if unknown:
+        raise TypeError(f"train_two_stage() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    if "resume_from_checkpoint" in keywords:
+        args = dataclasses.replace(args, resume_from_checkpoint=keywords.pop("resume_from_checkpoint"))
+    stage_keywords = {k: keywords.pop(k) for k in list(keywords) if k in stage_fields}
+    stages = dataclasses.replace(stages or StageOptions(), **stage_keywords)
+    prune_keywords = {"seed": args.seed, **keywords} if options is None or options.seed is None else keywords
+    options = resolve(options, prune_keywords, stages.retrains)
+    if stages.prune_schedule is not None:
+        if options.target_rank is not None or options.ratio is not None:
+            raise InputError("prune_schedule sets the ranks; drop target_rank / ratio")
+    elif options.tolerance is None:
+        options = options.with_default_budget(PAPER_TARGET_RANK)
+    adapter_name = resolve_adapter(unwrap(model), None)
+    r0 = max(layer.r[adapter_name] for layer in lora_layers(model, adapter_name).values())
+    loop = StageLoop(make_trainer, args, options, stages, evaluate, make_model)
+    return loop.run(model, stages.stages(args.num_train_epochs, args.max_steps, r0))

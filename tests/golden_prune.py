@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 import lorpa
+from lorpa.layers import lora_layers
 from lorpa.prune_adapter import prune_saved_adapter
 
 GOLDEN_FILE = Path(__file__).parent / "data" / "golden_prune.json"
@@ -134,7 +135,7 @@ def golden() -> dict:
             pruned = copy.deepcopy(model)
             report = lorpa.prune(pruned, **options)
             tensors = {name: (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
-                       for name, layer in lorpa.lora_layers(pruned).items()}
+                       for name, layer in lora_layers(pruned).items()}
             entry = {"memory": {"report": describe_report(report), "config": describe_config(pruned.peft_config["default"]),
                                 "tensors": {n: [digest(a), digest(b)] for n, (a, b) in tensors.items()}}}
             if files:

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorpa
-from lorpa.budgets import Budget, choose
+from lorpa.layers import lora_layers
+from lorpa.budgets import choose
+from lorpa.options import PruneOptions
 from lorpa.check_adapter import check_adapter
 from lorpa.check_adapter import main as check_main
 from lorpa.cli import run_cli
@@ -43,7 +45,7 @@ def decaying_lora(r=12):
     """Spectra that fall at a different rate in every module (random LoRA factors have flat ones)."""
     model = llama_lora(r=r)
     with torch.no_grad():
-        for index, layer in enumerate(lorpa.lora_layers(model).values()):
+        for index, layer in enumerate(lora_layers(model).values()):
             decay = 0.45 + 0.04 * index
             layer.lora_A["default"].weight *= (decay ** torch.arange(r, dtype=torch.float32))[:, None]
     return model
@@ -51,7 +53,7 @@ def decaying_lora(r=12):
 
 def spectra(model):
     return {n: torch.linalg.svdvals(layer.get_delta_weight("default").detach().double())
-            for n, layer in lorpa.lora_layers(model).items()}
+            for n, layer in lora_layers(model).items()}
 
 
 @pytest.mark.parametrize("energy", [0.5, 0.9, 0.95, 0.99])
@@ -97,11 +99,11 @@ def test_a_global_budget_honours_max_rank_and_rank_multiple():
 
 def test_blocks_of_a_global_budget_match_the_plain_ranking_for_a_multiple_of_one():
     scores = {"a": torch.tensor([5.0, 1.0, 3.0]), "b": torch.tensor([4.0, 4.0, 0.5]), "c": torch.tensor([2.0])}
-    kept = choose(scores, Budget(total_rank=4), "global")
+    kept = choose(scores, PruneOptions(total_rank=4, scope="global"))
     assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0], "b": [0, 1], "c": [0]}  # min_rank 1 each, then b's 4
-    kept = choose(scores, Budget(total_rank=5, max_rank=1), "global")
+    kept = choose(scores, PruneOptions(total_rank=5, max_rank=1, scope="global"))
     assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0], "b": [0], "c": [0]}  # the cap leaves the budget unspent
-    kept = choose(scores, Budget(total_rank=5, rank_multiple=2), "global")
+    kept = choose(scores, PruneOptions(total_rank=5, rank_multiple=2, scope="global"))
     assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0, 2], "b": [0, 1], "c": [0]}
 
 
@@ -155,7 +157,7 @@ def test_inspect_matches_an_in_memory_svd(tmp_path, capsys):
         pruned = lorpa.prune(llama_lora(use_rslora=True), energy=float(energy), score="svd", scope="global")
         assert result["totals"]["global_energy"][energy]["total_rank"] == sum(pruned.ranks.values())
     eight = result["totals"]["module_rank"]["8"]
-    assert eight["parameters"] == sum(8 * (l.in_features + l.out_features) for l in lorpa.lora_layers(model).values())
+    assert eight["parameters"] == sum(8 * (l.in_features + l.out_features) for l in lora_layers(model).values())
     assert run_cli(inspect_main, [str(folder), "--json", "--plot", str(tmp_path / "spectra.png")]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))  # stdout is the JSON alone
     assert (tmp_path / "spectra.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from lorpa.harness.arguments import MethodArguments, ModelArguments
-from lorpa.cli import UsageError, parse_args
+from lorpa.errors import InputError
+from lorpa.harness.flags import parse_args
 from lorpa.tasks.glue import GlueDataArguments
-from lorpa.pruning import REWINDS, SCOPES
-from lorpa.scoring import SCORES
+from lorpa.options import REWINDS, SCOPES, SCORES
 from lorpa.harness.training import plan_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,9 +149,9 @@ def test_lorpa_cell(size, task):
     assert method_args.prune_target_rank == 8 and method_args.prune_ratio is None  # 1 - 8/256 = 96.875% pruned
     expected_alpha = 16 if size == "large" or task == "qqp" else 8
     assert method_args.pruned_alpha == expected_alpha
-    kwargs = method_args.prune_kwargs(seed=0)
-    assert kwargs["target_rank"] == 8 and kwargs["score"] == "magnitude" and kwargs["scope"] == "module"
-    assert kwargs["alpha"] == expected_alpha and kwargs["rewind"] == "none"
+    options = method_args.prune_options(seed=0)
+    assert options.target_rank == 8 and options.score == "magnitude" and options.scope == "module"
+    assert options.alpha == expected_alpha and options.rewind == "none"
 
     stage1, stage2 = plan_stages(method_args, training_args.num_train_epochs)
     assert stage1.epochs == pytest.approx(0.2 * epochs)
@@ -208,7 +208,7 @@ def test_a_single_value_for_a_list_flag_reads_as_the_flag_gives_it(tmp_path):
 def test_unknown_key_is_an_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(lorpa_path("base", "rte").read_text() + "warmup_ratio: 0.06  # not a transformers 5 flag\n")
-    with pytest.raises(UsageError, match="warmup_ratio"):
+    with pytest.raises(InputError, match="warmup_ratio"):
         parse(bad)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lorpa.cli import build_parser
+from lorpa.harness.flags import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

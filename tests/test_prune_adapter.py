@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorpa
+import lorpa.adapter_files
 import lorpa.prune_adapter
 from lorpa.cli import run_cli
 from lorpa.prune_adapter import main
@@ -49,11 +50,12 @@ def logits(model):
 
 
 def assert_matches_in_memory(arch, adapter, output, argv, prune_kwargs):
-    """Output of the command == the adapter loaded with peft, pruned by `lorpa.prune`, in every tensor."""
+    """Output of the command == the adapter loaded with peft, pruned by `lorpa.prune`, in every tensor. The command's
+    default score is svd (no retraining follows a cut of saved files)."""
     assert run_cli(main, [str(adapter), str(output), *argv]) == 0
     build = MODELS[arch][0]
     expected = PeftModel.from_pretrained(build(), adapter).eval()
-    report = lorpa.prune(expected, **prune_kwargs)
+    report = lorpa.prune(expected, **{"score": "svd", **prune_kwargs})
     pruned = PeftModel.from_pretrained(build(), output).eval()
 
     expected_state, pruned_state = expected.state_dict(), pruned.state_dict()
@@ -75,8 +77,10 @@ def assert_matches_in_memory(arch, adapter, output, argv, prune_kwargs):
 @pytest.mark.parametrize("arch", MODELS)
 @pytest.mark.parametrize("scope", ["module", "global"])
 @pytest.mark.parametrize("argv, kwargs", [(["--target_rank", "5"], {"target_rank": 5}), (["--ratio", "0.75"], {"ratio": 0.75})])
-def test_pruning_saved_adapter_equals_pruning_loaded_model(tmp_path, arch, scope, argv, kwargs):
+@pytest.mark.parametrize("score", [None, "magnitude"])
+def test_pruning_saved_adapter_equals_pruning_loaded_model(tmp_path, arch, scope, argv, kwargs, score):
     adapter = save_adapter(tmp_path / "adapter", arch)
+    argv, kwargs = (argv, kwargs) if score is None else ([*argv, "--score", score], dict(kwargs, score=score))
     report = assert_matches_in_memory(arch, adapter, tmp_path / "out", [*argv, "--scope", scope], dict(kwargs, scope=scope))
     assert len(report.modules) == (14 if arch == "llama" else 12)
     assert (len(set(report.ranks.values())) > 1) == (scope == "global")
@@ -111,8 +115,8 @@ def test_pruning_an_already_pruned_adapter_again(tmp_path):
 
 def test_bf16_adapter_stays_bf16_and_matches(tmp_path):
     adapter = save_adapter(tmp_path / "adapter", dtype=torch.bfloat16)
-    assert_matches_in_memory("llama", adapter, tmp_path / "out", ["--target_rank", "4", "--scope", "global"],
-                             {"target_rank": 4, "scope": "global"})
+    assert_matches_in_memory("llama", adapter, tmp_path / "out", ["--target_rank", "4", "--scope", "global", "--score",
+                             "magnitude"], {"target_rank": 4, "scope": "global", "score": "magnitude"})
     assert {t.dtype for t in load_file(tmp_path / "out" / "adapter_model.safetensors").values()} == {torch.bfloat16}
 
 
@@ -152,7 +156,7 @@ def test_failure_while_writing_leaves_earlier_output_and_no_temporary_folder(tmp
     def disk_full(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lorpa.prune_adapter, "write_json", disk_full)
+    monkeypatch.setattr(lorpa.adapter_files, "write_json", disk_full)
     with pytest.raises(OSError, match="No space left"):
         main([str(adapter), str(output), "--target_rank", "4", "--overwrite"])
     assert [p.name for p in output.iterdir()] == ["results.json"]

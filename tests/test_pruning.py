@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_roberta, with_lora
 
 import lorpa
-from lorpa.layers import factors
+from lorpa.layers import factors, lora_layers
 
 
 def logits(model, batch):
@@ -28,7 +28,7 @@ def test_pruning_nothing_is_bit_identical(roberta_pair, token_batch, kwargs):
 
 def test_keep_scaling_removes_exactly_the_pruned_components(roberta_pair):
     _, model = roberta_pair
-    layers = lorpa.lora_layers(model)
+    layers = lora_layers(model)
     scaling = {n: layer.scaling["default"] for n, layer in layers.items()}
     components = {
         n: [torch.outer(factors(layer, "default")[1][:, i], factors(layer, "default")[0][i]).detach() for i in range(16)]
@@ -52,9 +52,9 @@ def test_keep_scaling_removes_exactly_the_pruned_components(roberta_pair):
 def test_module_scope_keeps_the_top_components_in_order(roberta_pair):
     _, model = roberta_pair
     scores = lorpa.rank_scores(model)
-    before = {n: [t.detach().clone() for t in factors(layer, "default")] for n, layer in lorpa.lora_layers(model).items()}
+    before = {n: [t.detach().clone() for t in factors(layer, "default")] for n, layer in lora_layers(model).items()}
     report = lorpa.prune(model, ratio=0.75)
-    for name, layer in lorpa.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         expected = sorted(torch.topk(scores[name], 4).indices.tolist())
         assert report.modules[name].kept == expected
         assert layer.r["default"] == 4
@@ -65,7 +65,7 @@ def test_module_scope_keeps_the_top_components_in_order(roberta_pair):
 
 def test_global_scope_spends_the_same_budget_on_the_best_components():
     model = with_lora(tiny_roberta(), r=8)
-    layers = lorpa.lora_layers(model)
+    layers = lora_layers(model)
     weak = next(iter(layers))
     with torch.no_grad():
         factors(layers[weak], "default")[1].mul_(1e-4)  # this module's components are all the weakest
@@ -90,7 +90,7 @@ def test_config_and_layers_agree_after_pruning(roberta_pair):
     report = lorpa.prune(model, target_rank=4, scope="global", alpha=8)
     config = model.peft_config["default"]
     assert config.rank_pattern == report.ranks
-    for name, layer in lorpa.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         assert config.alpha_pattern[name] == layer.lora_alpha["default"] == 8
         assert layer.scaling["default"] == 8 / report.ranks[name]
     assert report.modules[name].old_alpha == 32
@@ -114,13 +114,13 @@ def test_training_continues_after_pruning(roberta_pair, token_batch):
 
 def test_rewind_init_resets_survivors_to_injection_values():
     model = lorpa.get_peft_model(tiny_roberta(), with_lora(tiny_roberta()).peft_config["default"])
-    initial = {n: [t.detach().clone() for t in factors(layer, "default")] for n, layer in lorpa.lora_layers(model).items()}
+    initial = {n: [t.detach().clone() for t in factors(layer, "default")] for n, layer in lora_layers(model).items()}
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(1.0)  # stands in for training
     report = lorpa.prune(model, target_rank=4, rewind="init")
-    for name, layer in lorpa.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         kept = report.modules[name].kept
         lora_A, lora_B = factors(layer, "default")
         assert torch.equal(lora_A, initial[name][0][kept])

@@ -12,6 +12,7 @@ from tiny_assets import write_tiny_decoder
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lorpa
+from lorpa.layers import lora_layers
 import run_clm
 
 bitsandbytes = pytest.importorskip("bitsandbytes", reason="the qlora extra (pip install 'lorpa[qlora]') is not installed")
@@ -40,7 +41,7 @@ def test_a_quantised_base_is_pruned_in_memory_and_reloads_with_plain_peft(llama_
     torch.manual_seed(0)
     model = lorpa.get_peft_model(quantised(llama_dir, kind), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
                                                                       target_modules="all-linear", init_lora_weights=False))
-    layer = next(iter(lorpa.lora_layers(model).values()))
+    layer = next(iter(lora_layers(model).values()))
     assert type(layer).__module__ == "peft.tuners.lora.bnb"  # LoRA on bitsandbytes layers
     inputs = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     report = lorpa.prune(model, target_rank=2, score="svd", scope="global")

@@ -10,7 +10,7 @@ from test_run_glue import argv_for, read_results, task_files
 from tiny_assets import write_tiny_roberta
 
 import run_glue
-from lorpa.cli import UsageError
+from lorpa.errors import InputError
 from lorpa.checkpoints import find_resume_point, write_json_atomic
 from lorpa.stages import PRUNED_ADAPTER_DIR, Stage
 
@@ -67,13 +67,13 @@ def test_checkpoints_in_the_layouts_fsdp_saves_resume_and_a_cut_off_one_is_skipp
     assert find_resume_point("latest", str(tmp_path), STAGES) == (0, str(full))
     assert "no optimizer state" in capsys.readouterr().err
     (full / "optimizer.bin").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(UsageError, match="optimizer.bin is damaged"):
+    with pytest.raises(InputError, match="optimizer.bin is damaged"):
         find_resume_point(str(full), str(tmp_path), STAGES)
 
 
 def test_a_named_incomplete_checkpoint_is_refused_in_one_line(tmp_path):
     (tmp_path / "stage1" / "checkpoint-4").mkdir(parents=True)
-    with pytest.raises(UsageError, match="cannot be resumed: no readable trainer_state.json"):
+    with pytest.raises(InputError, match="cannot be resumed: no readable trainer_state.json"):
         find_resume_point(str(tmp_path / "stage1" / "checkpoint-4"), str(tmp_path), STAGES)
 
 

@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel
 
 import lorpa
+from lorpa.layers import lora_layers
 
 
 def prune_unevenly(model):
@@ -28,7 +29,7 @@ def test_roberta_roundtrip_gives_identical_logits(roberta_pair, token_batch, tmp
     assert saved["alpha_pattern"] == {n: m.new_alpha for n, m in report.modules.items()}
 
     reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
-    for name, layer in lorpa.lora_layers(reloaded).items():
+    for name, layer in lora_layers(reloaded).items():
         assert layer.r["default"] == report.ranks[name]
     with torch.no_grad():
         assert torch.equal(reloaded(**token_batch).logits, expected)
@@ -36,7 +37,7 @@ def test_roberta_roundtrip_gives_identical_logits(roberta_pair, token_batch, tmp
 
 def test_bart_roundtrip_covers_encoder_decoder_and_cross_attention(bart_pair, token_batch, tmp_path):
     base, model = bart_pair
-    names = list(lorpa.lora_layers(model))
+    names = list(lora_layers(model))
     assert any("encoder_attn.q_proj" in n for n in names) and any("encoder.layers" in n for n in names)
     assert any("decoder.layers.0.self_attn.v_proj" in n for n in names)
     report = prune_unevenly(model)
@@ -47,7 +48,7 @@ def test_bart_roundtrip_covers_encoder_decoder_and_cross_attention(bart_pair, to
     model.save_pretrained(tmp_path)
 
     reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
-    assert {n: layer.r["default"] for n, layer in lorpa.lora_layers(reloaded).items()} == report.ranks
+    assert {n: layer.r["default"] for n, layer in lora_layers(reloaded).items()} == report.ranks
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, expected)
 

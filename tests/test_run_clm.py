@@ -14,10 +14,11 @@ from tiny_assets import write_jsonl, write_tiny_decoder
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 import lorpa
+from lorpa.layers import lora_layers
 import run_clm
 from lorpa import report
 from lorpa.harness.arguments import MethodArguments, ModelArguments
-from lorpa.cli import parse_args
+from lorpa.harness.flags import parse_args
 from lorpa.tasks.clm.arguments import ClmModelArguments
 from lorpa.tasks.clm.arithmetic import arithmetic_rows, write_arithmetic_gsm8k
 from lorpa.tasks.clm.data import (
@@ -148,7 +149,7 @@ def test_two_stage_all_linear_run_reloads_with_plain_peft(llama_dir, data_files,
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), output_dir).eval()
-    assert {n: layer.r["default"] for n, layer in lorpa.lora_layers(reloaded).items()} == results["ranks"]
+    assert {n: layer.r["default"] for n, layer in lora_layers(reloaded).items()} == results["ranks"]
     args = data_args(**data_files, prompt_template=TEMPLATE)
     validation = Dataset.from_list(arithmetic_rows(N_EVAL, 1))
     formatter = PromptFormatter(tokenizer, TEMPLATE)

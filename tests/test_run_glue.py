@@ -11,6 +11,7 @@ from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 import lorpa
+from lorpa.layers import lora_layers
 import run_glue
 from lorpa.harness.arguments import MethodArguments, ModelArguments
 from lorpa.tasks.glue import GlueDataArguments, load_glue
@@ -101,7 +102,7 @@ def test_every_method_trains_the_head_and_reloads(model_dir, tmp_path, method):
     if method in ("lorpa", "lora"):
         expected_rank = 2 if method == "lorpa" else 8
         assert set(results["ranks"].values()) == {expected_rank}
-        assert all(layer.r["default"] == expected_rank for layer in lorpa.lora_layers(reloaded).values())
+        assert all(layer.r["default"] == expected_rank for layer in lora_layers(reloaded).values())
     assert predictions.shape == (len(rows),)
 
 
@@ -447,7 +448,7 @@ def test_a_prune_through_the_adapter_files_as_under_fsdp_ends_where_the_prune_in
     extra = ("--prune_score", "svd", "--prune_scope", "global", "--stage1_ratio", "0.5")
     in_memory = tmp_path / "memory"
     run_glue.main(argv_for(model_dir, tmp_path, "rte", in_memory, *extra, files=files))
-    monkeypatch.setattr("lorpa.harness.training.prunes_from_files", lambda trainer: True)
+    monkeypatch.setattr("lorpa.two_stage.prunes_from_files", lambda trainer: True)
     through_files = tmp_path / "files"
     run_glue.main(argv_for(model_dir, tmp_path, "rte", through_files, *extra, files=files))
     memory, sharded = read_results(in_memory), read_results(through_files)

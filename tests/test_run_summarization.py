@@ -25,9 +25,13 @@ from transformers import (
 )
 
 import lorpa
+from lorpa.layers import lora_layers
+from lorpa.options import PruneOptions
+from lorpa.pruning import check_prune
 import run_summarization
 from lorpa.harness.arguments import MethodArguments, ModelArguments
-from lorpa.cli import UsageError, parse_args
+from lorpa.errors import InputError
+from lorpa.harness.flags import parse_args
 from lorpa.tasks.generation import MergedGenerationTrainer, merged_adapters
 from lorpa.tasks.summarization import (
     SummarizationDataArguments,
@@ -146,7 +150,7 @@ def test_cross_attention_is_pruned_and_the_saved_adapter_reproduces_the_summarie
     assert kinds["encoder_attn"] and all(results["stage1_ranks"][n] == 8 for n in kinds["encoder_attn"])
 
     reloaded = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(model_dir), output_dir).eval()
-    ranks = {name: layer.r["default"] for name, layer in lorpa.lora_layers(reloaded).items()}
+    ranks = {name: layer.r["default"] for name, layer in lora_layers(reloaded).items()}
     assert ranks == results["ranks"] and set(ranks.values()) == {2}
     assert all(ranks[n] == 2 for n in kinds["encoder_attn"])  # cross-attention adapters pruned as well
 
@@ -208,7 +212,7 @@ def test_merged_evaluation_generates_the_same_text_and_unmerges(model_dir, data_
     assert not any(layer.merged for layer in layers)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "base_layer" in n)
     if kind == "lora":
-        lorpa.check_prune_arguments(model, target_rank=2)  # refuses merged adapters
+        check_prune(model, PruneOptions(target_rank=2))  # refuses merged adapters
 
 
 def test_merging_leaves_full_models_alone(model_dir):
@@ -345,9 +349,9 @@ def test_data_dir_reads_local_copies_in_the_hubs_layout(tmp_path, capsys, earlie
     args = SummarizationDataArguments(dataset_name="xsum", data_dir=str(tmp_path / "data"))
     splits = load_summarization(args)
     assert (len(splits["train"]), len(splits["validation"])) == (5, 3) and args.task_name == "xsum"
-    with pytest.raises(UsageError, match=r"test.jsonl \(given by --data_dir"):
+    with pytest.raises(InputError, match=r"test.jsonl \(given by --data_dir"):
         load_summarization(args, with_test=True)
-    with pytest.raises(UsageError, match="no folder .*cnn_dailymail"):
+    with pytest.raises(InputError, match="no folder .*cnn_dailymail"):
         SummarizationDataArguments(dataset_name="cnn_dailymail", data_dir=str(tmp_path / "data"))
 
 

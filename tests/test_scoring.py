@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_roberta, with_lora
 
 import lorpa
-from lorpa.layers import factors
+from lorpa.layers import factors, lora_layers
 
 
 def dense_component(layer, i):
@@ -18,7 +18,7 @@ def dense_component(layer, i):
 def test_magnitude_scores_equal_dense_outer_products(roberta_pair):
     _, model = roberta_pair
     scores = lorpa.rank_scores(model)
-    layers = lorpa.lora_layers(model)
+    layers = lora_layers(model)
     assert set(scores) == set(layers) and len(scores) == 4  # query/value in 2 layers
     for name, layer in layers.items():
         brute = torch.tensor([dense_component(layer, i).abs().sum() for i in range(layer.r["default"])])
@@ -28,7 +28,7 @@ def test_magnitude_scores_equal_dense_outer_products(roberta_pair):
 def test_elementwise_scores_equal_authors_formula(roberta_pair):
     _, model = roberta_pair
     scores = lorpa.rank_scores(model, "elementwise")
-    for name, layer in lorpa.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         lora_A, lora_B = factors(layer, "default")
         brute = torch.tensor(
             [sum(abs(lora_B[j, i].item() * lora_A[i, j].item()) for j in range(lora_A.shape[1])) for i in range(lora_A.shape[0])]
@@ -70,7 +70,7 @@ def test_the_benchmarks_authors_prune_keeps_what_elementwise_keeps_and_leaves_r0
     kept = _benchmark("prune_speed").authors_prune(model, target_rank=4)
     report = lorpa.prune(reference, target_rank=4, score="elementwise")
     assert {name: sorted(indices) for name, indices in kept.items()} == {n: m.kept for n, m in report.modules.items()}
-    for name, layer in lorpa.lora_layers(model).items():
+    for name, layer in lora_layers(model).items():
         assert layer.lora_A["default"].weight.shape[0] == 4
         assert layer.r["default"] == 16  # like the released code, rank and scaling stay at r0
-        assert torch.equal(layer.lora_A["default"].weight, lorpa.lora_layers(reference)[name].lora_A["default"].weight)
+        assert torch.equal(layer.lora_A["default"].weight, lora_layers(reference)[name].lora_A["default"].weight)

@@ -9,13 +9,13 @@ from conftest import tiny_bart, tiny_roberta, with_lora
 from peft import PeftModel, convert_to_lora
 
 import lorpa
-from lorpa.layers import factors
+from lorpa.layers import factors, lora_layers
 from lorpa.lowrank import relative_error, singular_factors
 from lorpa.sensitivity import SensitivityCallback, restore_sensitivity
 
 
 def dense_deltas(model):
-    return {n: layer.get_delta_weight("default").detach().double() for n, layer in lorpa.lora_layers(model).items()}
+    return {n: layer.get_delta_weight("default").detach().double() for n, layer in lora_layers(model).items()}
 
 
 def truncated(delta, k):
@@ -37,7 +37,7 @@ def test_svd_keeps_the_truncated_svd_of_every_update(split):
         assert report.modules[name].new_rank == 5 and report.modules[name].kept == [0, 1, 2, 3, 4]
         assert relative(after[name], truncated(delta, 5)) < 1e-5
         singular_values = torch.linalg.svdvals(delta)
-        scaling = lorpa.lora_layers(model)[name].scaling["default"]
+        scaling = lora_layers(model)[name].scaling["default"]
         torch.testing.assert_close(torch.tensor(report.modules[name].scores[:12]).double(),
                                    singular_values[:12], rtol=1e-4, atol=1e-6)
         assert scaling == pytest.approx(2.0)  # alpha/r kept
@@ -90,7 +90,7 @@ def test_svd_to_full_rank_changes_no_output(roberta_pair, token_batch):
 def test_relative_error_matches_a_dense_computation(kwargs):
     model = lorpa.get_peft_model(tiny_roberta(), copy.deepcopy(with_lora(tiny_roberta()).peft_config["default"]))
     torch.manual_seed(3)
-    for layer in lorpa.lora_layers(model).values():  # trained-looking factors: both non-zero
+    for layer in lora_layers(model).values():  # trained-looking factors: both non-zero
         for weight in factors(layer, "default"):
             weight.data.normal_()
     before = dense_deltas(model)
@@ -109,7 +109,7 @@ def test_relative_error_of_an_untouched_zero_update_is_zero():
 
 def test_global_svd_ranks_singular_values_across_modules_and_honours_min_rank(roberta_pair):
     _, model = roberta_pair
-    layers = lorpa.lora_layers(model)
+    layers = lora_layers(model)
     # make one module's update much larger, so a global budget favours it
     big = next(iter(layers))
     factors(layers[big], "default")[1].data *= 10
@@ -153,7 +153,7 @@ def test_sensitivity_is_the_smoothed_first_order_importance(roberta_pair, token_
     expected = {}
     for step in range(3):
         loss_and_backward(model, token_batch, labels)
-        for name, layer in lorpa.lora_layers(model).items():
+        for name, layer in lora_layers(model).items():
             A, B = (f.detach() for f in factors(layer, "default"))
             grad_A, grad_B = (f.grad for f in factors(layer, "default"))
             importance = torch.tensor([
@@ -192,7 +192,7 @@ def test_sensitivity_state_round_trips_through_a_checkpoint_state(roberta_pair, 
     callback.on_pre_optimizer_step(None, None, None, model=model)
     stored = {"stateful_callbacks": {"SensitivityCallback": callback.state()}}
     fresh = copy.deepcopy(model)
-    for layer in lorpa.lora_layers(fresh).values():
+    for layer in lora_layers(fresh).values():
         layer.__dict__.pop("_lorpa_sensitivity")
     assert restore_sensitivity(fresh, stored)
     original, restored = lorpa.rank_scores(model, "sensitivity"), lorpa.rank_scores(fresh, "sensitivity")

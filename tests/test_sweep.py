@@ -264,13 +264,13 @@ def test_bad_slurm_time_is_one_line_before_anything_is_written(capsys, tmp_path)
 
 
 def test_parallel_cells_get_their_own_gpus_or_share_of_the_cores(monkeypatch):
-    from lorpa.cli import UsageError
+    from lorpa.errors import InputError
     from lorpa.harness.sweep.local import slot_environments
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
     assert slot_environments(2, 2, gpus=4) == [{"CUDA_VISIBLE_DEVICES": "3,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]
     assert slot_environments(4, 1, gpus=4)[3] == {"CUDA_VISIBLE_DEVICES": "7"}
-    with pytest.raises(UsageError, match=r"--parallel 3 x --nproc 2 needs 6 GPUs, 4 visible"):
+    with pytest.raises(InputError, match=r"--parallel 3 x --nproc 2 needs 6 GPUs, 4 visible"):
         slot_environments(3, 2, gpus=4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert slot_environments(2, 1, gpus=2) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]

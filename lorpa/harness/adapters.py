@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
 from .. import rewind
-from ..cli import UsageError
+from ..errors import InputError
 from .arguments import MethodArguments
 
 
@@ -71,7 +71,7 @@ def check_target_modules(model_type: str, args: MethodArguments) -> None:
     else:
         defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     if model_type not in defaults:
-        raise UsageError(
+        raise InputError(
             f"peft has no default target modules for model type {model_type!r}; pass --lora_target_modules"
         )
 
@@ -103,7 +103,7 @@ def check_module_names(model, args: MethodArguments) -> None:
     ):
         for key in keys or ():
             if not any(_matches(name, key) for name in names):
-                raise UsageError(f"{flag} {key}: no module of the model has that name; {hint}")
+                raise InputError(f"{flag} {key}: no module of the model has that name; {hint}")
 
 
 def attach_adapters(model, args: MethodArguments, task_type: str, total_steps: int):

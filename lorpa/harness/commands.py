@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from ..cli import UsageError
+from ..errors import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 CLM_KEYS = {"prompt_column", "response_column", "prompt_template", "use_chat_template", "generation_max_new_tokens"}
@@ -18,13 +18,13 @@ CLM_KEYS = {"prompt_column", "response_column", "prompt_template", "use_chat_tem
 
 def read_config(config: Path) -> dict:
     if not config.is_file():
-        raise UsageError(f"config file not found: {config}")
+        raise InputError(f"config file not found: {config}")
     try:
         values = yaml.safe_load(config.read_text()) or {}
     except yaml.YAMLError as error:
-        raise UsageError(f"config file {config} is not valid YAML: {yaml_problem(error)}") from None
+        raise InputError(f"config file {config} is not valid YAML: {yaml_problem(error)}") from None
     if not isinstance(values, dict):
-        raise UsageError(f"config file {config} must hold a mapping of flag names to values")
+        raise InputError(f"config file {config} must hold a mapping of flag names to values")
     return values
 
 
@@ -92,7 +92,7 @@ def accelerate_processes(path: Path) -> int:
     values = read_config(path)
     processes = values.get("num_processes", 1)
     if not isinstance(processes, int) or processes < 1:
-        raise UsageError(f"--accelerate_config {path}: num_processes must be a positive integer, got {processes!r}")
+        raise InputError(f"--accelerate_config {path}: num_processes must be a positive integer, got {processes!r}")
     return processes
 
 

@@ -25,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli import UsageError, raise_usage_error, run_cli
+from ..errors import InputError
+from ..cli import raise_input_error, run_cli
 from ..tasks.demo_data import write_demo_glue
 from . import commands
 from .commands import ROOT, has_flag, packaged_minilm, read_config, visible_gpus
@@ -118,7 +119,7 @@ def table_root(table: str) -> Path:
         return TABLES[table]
     root = Path(table).resolve()
     if not root.is_dir():
-        raise UsageError(f"--table {table}: neither a named table ({', '.join(TABLES)}) nor a folder of configs")
+        raise InputError(f"--table {table}: neither a named table ({', '.join(TABLES)}) nor a folder of configs")
     return root
 
 
@@ -137,7 +138,7 @@ def table_cells(table: str, methods: list[str]):
             patterns = (method,)
         else:
             choices = [*METHOD_FOLDERS, *sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("lora_r"))]
-            raise UsageError(f"unknown method {method!r} for --methods; choose from {', '.join(choices)}")
+            raise InputError(f"unknown method {method!r} for --methods; choose from {', '.join(choices)}")
         for pattern in patterns:
             folders = [root] if not pattern else sorted(p for p in root.glob(pattern) if p.is_dir())
             for folder in folders:
@@ -151,12 +152,12 @@ def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path
     prune-at-the-end cell reuses its LoRA twin's run as stage 1 (sweep/reuse.py)."""
     configs = list(table_cells(table, methods))
     if not configs:
-        raise UsageError(f"no configs for table {table} and methods {', '.join(methods)}")
+        raise InputError(f"no configs for table {table} and methods {', '.join(methods)}")
     values = {config: read_config(config) for _, config in configs}  # a broken config is refused before any cell starts
     twins = []  # LoRA rows left out by --methods: an earlier sweep may have finished them
     for name, config in table_cells(table, ["lora"]):
         if config not in values:
-            with contextlib.suppress(UsageError):  # a broken row that is not run cannot be a twin
+            with contextlib.suppress(InputError):  # a broken row that is not run cannot be a twin
                 values[config] = read_config(config)
                 twins.append((name, config))
     cells = {config: [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
@@ -171,9 +172,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(seed) for seed in text.split(",")]
     except ValueError:
-        raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 1,2,3") from None
+        raise InputError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 1,2,3") from None
     if len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds {text!r} repeats a seed")
+        raise InputError(f"--seeds {text!r} repeats a seed")
     return seeds
 
 
@@ -222,8 +223,8 @@ def refuse_demo_flags(flags: list[str]) -> None:
     """The demo's runs are fixed, so that its table is the one the README describes."""
     configs = [flag for flag in flags if flag.endswith((".yaml", ".yml"))]
     if configs:
-        raise UsageError(f"give the config first: bash train.sh {configs[0]} [flags]")
-    raise UsageError(f"the demo (train.sh without a config or --table) takes no run flags, got {flags[0]}; "
+        raise InputError(f"give the config first: bash train.sh {configs[0]} [flags]")
+    raise InputError(f"the demo (train.sh without a config or --table) takes no run flags, got {flags[0]}; "
                      f"run one config with them: bash train.sh CONFIG.yaml {shlex.join(flags)}")
 
 
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # else a passed-through `--seed 1` would be taken as `--seeds 1`
     )
-    parser.error = raise_usage_error
+    parser.error = raise_input_error
     parser.add_argument("--table", help=f"a table to sweep: {', '.join(TABLES)}, or a folder of configs")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds for --table")
     parser.add_argument("--methods", default="all",
@@ -270,16 +271,16 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("nproc", "parallel", "slurm_array_parallelism"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {value}")
+            raise InputError(f"--{name} must be a positive integer, got {value}")
     accelerate_config = None
     if args.accelerate_config is not None:
         accelerate_config = Path(args.accelerate_config).resolve()
         if not accelerate_config.is_file():
-            raise UsageError(f"--accelerate_config {args.accelerate_config}: no such file (see configs/accelerate/fsdp.yaml)")
+            raise InputError(f"--accelerate_config {args.accelerate_config}: no such file (see configs/accelerate/fsdp.yaml)")
         commands.accelerate_processes(accelerate_config)  # a malformed file stops here, in one line
     if args.table:
         if config:
-            raise UsageError("give a config or --table, not both")
+            raise InputError("give a config or --table, not both")
         runs_dir = Path(args.runs_dir or ROOT / "runs" / Path(args.table).name).resolve()
         cells = sweep_cells(args.table, parse_seeds(args.seeds), args.methods.split(","), runs_dir, flags, accelerate_config)
         if args.launcher != "local":
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         run_local(cells, runs_dir, args.parallel, nproc)
         return
     if args.launcher != "local" or args.parallel > 1:
-        raise UsageError("--launcher and --parallel apply to --table sweeps")
+        raise InputError("--launcher and --parallel apply to --table sweeps")
     nproc = args.nproc or max(1, visible_gpus())
     if config:
         single(Path(config).resolve(), flags, args.runs_dir, nproc, accelerate_config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..cli import UsageError
+from ..errors import InputError
 
 
 def _could_be_hub_id(name: str) -> bool:
@@ -20,10 +20,10 @@ def load_pretrained(loader, name_or_path: str, cache_dir: str | None = None, **k
     except OSError as error:
         reason = str(error).strip().splitlines()[0]
         if Path(name_or_path).exists():
-            raise UsageError(f"could not load {name_or_path}: {reason}") from error
+            raise InputError(f"could not load {name_or_path}: {reason}") from error
         if not _could_be_hub_id(name_or_path):
-            raise UsageError(f"could not load {name_or_path}: no such folder (and it cannot be a hub model id)") from error
-        raise UsageError(
+            raise InputError(f"could not load {name_or_path}: no such folder (and it cannot be a hub model id)") from error
+        raise InputError(
             f"could not load {name_or_path}: no such folder, and the hub does not know it or cannot be reached ({reason})"
         ) from error
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import UsageError
+from ..errors import InputError
 
 # (flag, test a valid value passes, what the value must be); None stands for "not set" and is always valid.
 TRAINER_VALUE_CHECKS = (
@@ -37,13 +37,13 @@ def check_run_arguments(training_args, method_args) -> None:
     written, the budget trains something (a run that trains nothing would still replace an earlier
     results.json), and the Trainer's numeric flags are in range."""
     if not training_args.output_dir:
-        raise UsageError("--output_dir is required")
+        raise InputError("--output_dir is required")
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
-        raise UsageError(f"--num_train_epochs must be positive (or set --max_steps), got {training_args.num_train_epochs}")
+        raise InputError(f"--num_train_epochs must be positive (or set --max_steps), got {training_args.num_train_epochs}")
     for flag, valid, requirement in TRAINER_VALUE_CHECKS:
         value = getattr(training_args, flag, None)
         if value is not None and not valid(value):
-            raise UsageError(f"--{flag} must be {requirement}, got {value}")
+            raise InputError(f"--{flag} must be {requirement}, got {value}")
     check_output_dir(training_args.output_dir, overwrite=method_args.overwrite_output_dir,
                      resuming=training_args.resume_from_checkpoint is not None)
 
@@ -52,8 +52,8 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> Non
     """Refuse a non-empty output folder unless the user asked to overwrite or resume it."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
-        raise UsageError(f"output path {output_dir} exists and is not a folder")
+        raise InputError(f"output path {output_dir} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
-        raise UsageError(
+        raise InputError(
             f"output folder {output_dir} is not empty; pass --overwrite_output_dir or --resume_from_checkpoint"
         )

@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 from safetensors import safe_open
 
-from ..cli import UsageError
+from ..errors import InputError
 from ..stages import PRUNE_REPORT_FILE
 from .curves import plot_rank_curve
 from .plots import plot_prune_report
@@ -267,7 +267,7 @@ def collect_runs(runs_dir: Path, metric: str) -> list[Run]:
     """Every parseable results.json below `runs_dir`; the others are skipped with a warning each."""
     paths = sorted(runs_dir.rglob(RESULTS_FILE))
     if not paths:
-        raise UsageError(f"no {RESULTS_FILE} found below {runs_dir}")
+        raise InputError(f"no {RESULTS_FILE} found below {runs_dir}")
     runs = []
     for path in paths:
         try:
@@ -275,7 +275,7 @@ def collect_runs(runs_dir: Path, metric: str) -> list[Run]:
         except ValueError as error:
             _warn(f"skipping {path}: {error}")
     if not runs:
-        raise UsageError(f"no usable {RESULTS_FILE} below {runs_dir}")
+        raise InputError(f"no usable {RESULTS_FILE} below {runs_dir}")
     return runs
 
 
@@ -638,7 +638,7 @@ def mark_unfinished(runs_dir: Path, tables: list[Table], rows: list[list[dict]])
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not args.runs_dir.is_dir():
-        raise UsageError(f"{args.runs_dir} is not a folder")
+        raise InputError(f"{args.runs_dir} is not a folder")
     prefix = args.out if args.out is not None else args.runs_dir / "summary"
     tables = build_tables(collect_runs(args.runs_dir, args.metric))
     for table in tables:
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.curve is not None:
         lines = rank_curves(tables[0], rows[0], args.curve_rows)
         if not lines:
-            raise UsageError(f"--curve: no row family with two ranks or more{' among --curve_rows' if args.curve_rows else ''}")
+            raise InputError(f"--curve: no row family with two ranks or more{' among --curve_rows' if args.curve_rows else ''}")
         reference = {row["label"]: {c: v.mean for c, v in row["cells"].items()} for row in rows[0]
                      if row["label"] == args.curve_reference}
         print(f"rank curve: {plot_rank_curve(lines, tables[0].columns, args.curve, reference)}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset
 
-from ..cli import UsageError
+from ..errors import InputError
 from .data_files import check_sample_limits, raw_values, read_data_file, require_columns
 from .metrics import GLUE_TASKS, GlueTask, glue_metrics
 
@@ -49,24 +49,24 @@ class GlueDataArguments:
 
     def __post_init__(self):
         if self.task_name not in GLUE_TASKS:
-            raise UsageError(f"unknown task {self.task_name!r}; choose one of {', '.join(GLUE_TASKS)}")
+            raise InputError(f"unknown task {self.task_name!r}; choose one of {', '.join(GLUE_TASKS)}")
         if self.max_seq_length < 1:
-            raise UsageError(f"--max_seq_length must be positive, got {self.max_seq_length}")
+            raise InputError(f"--max_seq_length must be positive, got {self.max_seq_length}")
         check_sample_limits(self)
         if self.selection_split_percentage is not None and not 0 < self.selection_split_percentage < 100:
-            raise UsageError(f"--selection_split_percentage must be in (0, 100), got {self.selection_split_percentage}")
+            raise InputError(f"--selection_split_percentage must be in (0, 100), got {self.selection_split_percentage}")
         if self.data_dir is not None and not self.train_file:
             self._use_data_dir()
         local = (self.train_file, self.validation_file)
         if any(local) and not all(local):
-            raise UsageError("local data needs both --train_file and --validation_file")
+            raise InputError("local data needs both --train_file and --validation_file")
         if self.task_name == "mnli" and self.train_file and not self.validation_mismatched_file:
-            raise UsageError("local MNLI data needs --validation_mismatched_file as well")
+            raise InputError("local MNLI data needs --validation_mismatched_file as well")
 
     def _use_data_dir(self) -> None:
         folder = Path(self.data_dir, "glue", self.task_name)
         if not folder.is_dir():
-            raise UsageError(f"--data_dir {self.data_dir}: no folder {folder} (expected glue/<task>/train.jsonl etc.)")
+            raise InputError(f"--data_dir {self.data_dir}: no folder {folder} (expected glue/<task>/train.jsonl etc.)")
         eval_splits = GLUE_TASKS[self.task_name].eval_splits
         self.train_file = str(folder / "train.jsonl")
         self.validation_file = str(folder / f"{eval_splits[0]}.jsonl")
@@ -107,7 +107,7 @@ def check_labels(dataset, task: GlueTask, path: str) -> None:
     if not task.is_regression and Path(path).is_file() and any(isinstance(label, float) for label in labels):
         # One non-integer value made the whole column float: name the row that has it, not row 1.
         row, label = next(((i, v) for i, v in enumerate(raw_values(path, "label")) if not _is_class_id(v)), (0, labels[0]))
-        raise UsageError(f"{path}: row {row + 1} has label {label!r}; {task.name} expects a class id in "
+        raise InputError(f"{path}: row {row + 1} has label {label!r}; {task.name} expects a class id in "
                          f"0..{task.num_labels - 1}")
     for row, label in enumerate(labels):
         if task.is_regression:
@@ -117,7 +117,7 @@ def check_labels(dataset, task: GlueTask, path: str) -> None:
             valid = isinstance(label, int) and 0 <= label < task.num_labels
             expected = f"a class id in 0..{task.num_labels - 1}"
         if not valid:
-            raise UsageError(f"{path}: row {row + 1} has label {label!r}; {task.name} expects {expected}")
+            raise InputError(f"{path}: row {row + 1} has label {label!r}; {task.name} expects {expected}")
 
 
 def load_glue(args: GlueDataArguments, cache_dir: str | None = None) -> DatasetDict:
@@ -131,7 +131,7 @@ def load_glue(args: GlueDataArguments, cache_dir: str | None = None) -> DatasetD
         try:
             splits = load_dataset("nyu-mll/glue", task.name, cache_dir=cache_dir)
         except Exception as error:  # offline, hub errors: several exception types
-            raise UsageError(f"could not load dataset glue/{task.name}: {str(error).strip().splitlines()[0]}") from error
+            raise InputError(f"could not load dataset glue/{task.name}: {str(error).strip().splitlines()[0]}") from error
         splits = DatasetDict({split: splits[split] for split in files})
     for split, dataset in splits.items():
         if split == "test":  # GLUE test sets carry label -1: they are predicted, never scored
@@ -155,7 +155,7 @@ def carve_selection_split(splits: DatasetDict, percentage: float, seed: int) -> 
     train = splits["train"]
     size = max(1, round(len(train) * percentage / 100))
     if size >= len(train):
-        raise UsageError(f"--selection_split_percentage {percentage} leaves no training rows out of {len(train)}")
+        raise InputError(f"--selection_split_percentage {percentage} leaves no training rows out of {len(train)}")
     parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
     return DatasetDict({**splits, "train": parts["train"], SELECTION_SPLIT: parts["test"]})
 

@@ -14,7 +14,7 @@ import numpy as np
 from datasets import DatasetDict, load_dataset
 from transformers import DataCollatorForSeq2Seq
 
-from ..cli import UsageError
+from ..errors import InputError
 from .data_files import read_data_file, require_columns
 from .metrics import rouge_metrics
 
@@ -87,23 +87,23 @@ class SummarizationDataArguments:
 
     def __post_init__(self):
         if self.dataset_name is not None and self.dataset_name not in HUB_DATASETS:
-            raise UsageError(f"unknown dataset {self.dataset_name!r}; choose one of {', '.join(HUB_DATASETS)}")
+            raise InputError(f"unknown dataset {self.dataset_name!r}; choose one of {', '.join(HUB_DATASETS)}")
         local = (self.train_file, self.validation_file)
         if self.dataset_name is not None and any((*local, self.test_file)):
-            raise UsageError("give --dataset_name or local files (--train_file, --validation_file), not both")
+            raise InputError("give --dataset_name or local files (--train_file, --validation_file), not both")
         if self.dataset_name is None and not all(local):
-            raise UsageError("give --dataset_name, or both --train_file and --validation_file")
+            raise InputError("give --dataset_name, or both --train_file and --validation_file")
         if self.data_dir is not None:
             if self.dataset_name is None:
-                raise UsageError("--data_dir needs --dataset_name: it reads DATA_DIR/<dataset_name>/train.jsonl etc.")
+                raise InputError("--data_dir needs --dataset_name: it reads DATA_DIR/<dataset_name>/train.jsonl etc.")
             if not self.local_folder.is_dir():
-                raise UsageError(f"--data_dir {self.data_dir}: no folder {self.local_folder} "
+                raise InputError(f"--data_dir {self.data_dir}: no folder {self.local_folder} "
                                  "(expected <dataset_name>/train.jsonl and validation.jsonl)")
         if self.val_max_target_length is None:
             self.val_max_target_length = self.max_target_length
         for flag in ("max_source_length", "max_target_length", "val_max_target_length"):
             if getattr(self, flag) < 1:
-                raise UsageError(f"--{flag} must be positive, got {getattr(self, flag)}")
+                raise InputError(f"--{flag} must be positive, got {getattr(self, flag)}")
         hub = HUB_DATASETS.get(self.dataset_name)
         if self.dataset_config_name is None and hub is not None:
             self.dataset_config_name = hub.config
@@ -140,7 +140,7 @@ def check_lengths(config, args: SummarizationDataArguments, generation_max_lengt
     for flag, (length, side) in lengths.items():
         limit = getattr(side, "max_position_embeddings", None)
         if limit is not None and length > limit:
-            raise UsageError(f"{flag} {length} exceeds the model's {limit} positions")
+            raise InputError(f"{flag} {length} exceeds the model's {limit} positions")
 
 
 def load_summarization(
@@ -154,7 +154,7 @@ def load_summarization(
         splits = DatasetDict({split: read_data_file(files[split], cache_dir, flags[split]) for split in names})
     elif args.dataset_name is None:
         if with_test and not args.test_file:
-            raise UsageError("--do_predict with local data needs --test_file")
+            raise InputError("--do_predict with local data needs --test_file")
         files = {"train": args.train_file, "validation": args.validation_file}
         if args.test_file:
             files["test"] = args.test_file
@@ -166,7 +166,7 @@ def load_summarization(
         try:
             loaded = load_dataset(hub.path, args.dataset_config_name, revision=hub.revision, cache_dir=cache_dir)
         except Exception as error:  # offline, unknown config, hub errors: several exception types
-            raise UsageError(f"could not load dataset {hub.path}: {str(error).strip().splitlines()[0]}") from error
+            raise InputError(f"could not load dataset {hub.path}: {str(error).strip().splitlines()[0]}") from error
         splits = DatasetDict({split: loaded[split] for split in names})
     for split, dataset in splits.items():
         require_columns(dataset, (args.text_column, args.summary_column), files[split])

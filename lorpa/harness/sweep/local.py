@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...cli import UsageError
+from ...errors import InputError
 from .cells import Cell, start
 
 
@@ -38,7 +38,7 @@ def slot_environments(parallel: int, nproc: int, gpus: int) -> list[dict]:
     if gpus:
         devices = visible_devices(gpus)
         if parallel * nproc > len(devices):
-            raise UsageError(f"--parallel {parallel} x --nproc {nproc} needs {parallel * nproc} GPUs, "
+            raise InputError(f"--parallel {parallel} x --nproc {nproc} needs {parallel * nproc} GPUs, "
                              f"{len(devices)} visible; lower --parallel or --nproc")
         return [{"CUDA_VISIBLE_DEVICES": ",".join(devices[i * nproc:(i + 1) * nproc])} for i in range(parallel)]
     if "OMP_NUM_THREADS" in os.environ:  # the user's per-process choice

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...cli import UsageError
+from ...errors import InputError
 from ..commands import ROOT, visible_gpus
 from .cells import Cell, start
 
@@ -26,7 +26,7 @@ def import_submitit():
     try:
         import submitit
     except ImportError:
-        raise UsageError("--launcher slurm needs submitit: pip install 'lorpa[slurm]' (or pip install submitit)") from None
+        raise InputError("--launcher slurm needs submitit: pip install 'lorpa[slurm]' (or pip install submitit)") from None
     return submitit
 
 
@@ -44,7 +44,7 @@ def minutes(time: str) -> int:
     """SLURM's --time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes, rounded up."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", time.strip())
     if not match:
-        raise UsageError(f"--slurm_time {time!r}: use MINUTES, HH:MM:SS or D-HH:MM:SS")
+        raise InputError(f"--slurm_time {time!r}: use MINUTES, HH:MM:SS or D-HH:MM:SS")
     days, parts = match.group(1), [int(part) for part in match.group(2).split(":")]
     if days is not None:
         hours, mins, secs = (parts + [0, 0])[:3]
@@ -62,7 +62,7 @@ def sbatch_parameters(lines: tuple[str, ...]) -> dict[str, str | bool]:
     for line in lines:
         key, separator, value = line.removeprefix("--").partition("=")
         if not key:
-            raise UsageError(f"--slurm_sbatch {line!r}: expected KEY=VALUE, e.g. account=myproject")
+            raise InputError(f"--slurm_sbatch {line!r}: expected KEY=VALUE, e.g. account=myproject")
         parameters[key.replace("-", "_")] = value if separator else True
     return parameters
 
@@ -73,7 +73,7 @@ def executor_for(folder: Path, options: SlurmOptions, name: str, cluster: str):
     try:
         executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
     except RuntimeError as error:  # e.g. no srun: not on a SLURM cluster
-        raise UsageError(f"--launcher slurm: {error} (submit from a login node of the cluster)") from None
+        raise InputError(f"--launcher slurm: {error} (submit from a login node of the cluster)") from None
     executor.update_parameters(
         name=name,
         nodes=1,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...cli import UsageError
+from ...errors import InputError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANT_TYPES = ("nf4", "fp4")
@@ -41,13 +41,13 @@ class ClmModelArguments:
 
     def __post_init__(self):
         if self.torch_dtype not in DTYPES:
-            raise UsageError(f"unknown --torch_dtype {self.torch_dtype!r}; choose one of {', '.join(DTYPES)}")
+            raise InputError(f"unknown --torch_dtype {self.torch_dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.load_in_4bit and self.load_in_8bit:
-            raise UsageError("give --load_in_4bit or --load_in_8bit, not both")
+            raise InputError("give --load_in_4bit or --load_in_8bit, not both")
         if self.bnb_4bit_quant_type not in QUANT_TYPES:
-            raise UsageError(f"unknown --bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
+            raise InputError(f"unknown --bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
         if self.bnb_4bit_compute_dtype not in DTYPES or self.bnb_4bit_compute_dtype == "auto":
-            raise UsageError(f"unknown --bnb_4bit_compute_dtype {self.bnb_4bit_compute_dtype!r}; choose one of float32, "
+            raise InputError(f"unknown --bnb_4bit_compute_dtype {self.bnb_4bit_compute_dtype!r}; choose one of float32, "
                              "bfloat16, float16")
 
     @property
@@ -65,7 +65,7 @@ class ClmModelArguments:
         try:
             import bitsandbytes  # noqa: F401  (transformers needs it to quantise)
         except ImportError:
-            raise UsageError("--load_in_4bit / --load_in_8bit need bitsandbytes: pip install 'lorpa[qlora]'") from None
+            raise InputError("--load_in_4bit / --load_in_8bit need bitsandbytes: pip install 'lorpa[qlora]'") from None
         from transformers import BitsAndBytesConfig
 
         if self.load_in_8bit:

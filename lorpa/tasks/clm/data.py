@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_dataset
 
-from ...cli import UsageError
+from ...errors import InputError
 from ..data_files import read_data_file, require_columns
 
 IGNORE_INDEX = -100  # label of prompt and padding positions, skipped by the loss
@@ -95,9 +95,9 @@ class ClmDataArguments:
 
     def __post_init__(self):
         if self.dataset_name is not None and self.train_file:
-            raise UsageError("give --dataset_name or --train_file, not both")
+            raise InputError("give --dataset_name or --train_file, not both")
         if self.eval_dataset_name is not None and self.validation_file:
-            raise UsageError("give --eval_dataset_name or --validation_file, not both")
+            raise InputError("give --eval_dataset_name or --validation_file, not both")
         if self.eval_dataset_name is None and self.validation_file is None and not self.train_file:
             self.eval_dataset_name = self.dataset_name  # evaluate on the training dataset's held-out split
             self.eval_dataset_config_name = self.eval_dataset_config_name or self.dataset_config_name
@@ -105,14 +105,14 @@ class ClmDataArguments:
         if self.data_dir is not None:
             self._use_data_dir()
         if not (self.dataset_name or self.train_file):
-            raise UsageError("give --dataset_name, --train_file or --data_dir for the training data")
+            raise InputError("give --dataset_name, --train_file or --data_dir for the training data")
         if not (self.eval_dataset_name or self.validation_file):
-            raise UsageError("give --validation_file or --eval_dataset_name for the evaluation data")
+            raise InputError("give --validation_file or --eval_dataset_name for the evaluation data")
         if self.prompt_template is not None and PROMPT_FIELD not in self.prompt_template:
-            raise UsageError(f"--prompt_template must contain {PROMPT_FIELD} where the prompt goes, got {self.prompt_template!r}")
+            raise InputError(f"--prompt_template must contain {PROMPT_FIELD} where the prompt goes, got {self.prompt_template!r}")
         for flag in ("max_seq_length", "generation_max_new_tokens"):
             if getattr(self, flag) < 1:
-                raise UsageError(f"--{flag} must be positive, got {getattr(self, flag)}")
+                raise InputError(f"--{flag} must be positive, got {getattr(self, flag)}")
         train, evaluation = KNOWN_DATASETS.get(self.dataset_name), KNOWN_DATASETS.get(self.eval_dataset_name)
         self.dataset_config_name = self.dataset_config_name or (train.config if train else None)
         self.eval_dataset_config_name = self.eval_dataset_config_name or (evaluation.config if evaluation else None)
@@ -124,14 +124,14 @@ class ClmDataArguments:
         )
         if self.eval_split is None and self.eval_dataset_name is not None:
             if evaluation is not None and evaluation.eval_split is None:
-                raise UsageError(f"{self.eval_dataset_name} has no held-out split; pass --eval_dataset_name (e.g. gsm8k)")
+                raise InputError(f"{self.eval_dataset_name} has no held-out split; pass --eval_dataset_name (e.g. gsm8k)")
             self.eval_split = evaluation.eval_split if evaluation else "validation"
 
     def _use_data_dir(self) -> None:
         """Local GSM8K copies replace the hub's wherever GSM8K is asked for, or where no data is named."""
         folder = Path(self.data_dir, "gsm8k")
         if not folder.is_dir():
-            raise UsageError(f"--data_dir {self.data_dir}: no folder {folder} (expected gsm8k/train.jsonl and test.jsonl)")
+            raise InputError(f"--data_dir {self.data_dir}: no folder {folder} (expected gsm8k/train.jsonl and test.jsonl)")
 
         def is_gsm8k(name):
             return name is None or (name in KNOWN_DATASETS and KNOWN_DATASETS[name].path == GSM8K_PATH)
@@ -150,7 +150,7 @@ def _load_hub(name: str, config: str | None, split: str, cache_dir: str | None) 
     try:
         return load_dataset(path, config, split=split, cache_dir=cache_dir)
     except Exception as error:  # offline, unknown config or split, hub errors: several exception types
-        raise UsageError(f"could not load split {split!r} of dataset {path}: {str(error).strip().splitlines()[0]}") from error
+        raise InputError(f"could not load split {split!r} of dataset {path}: {str(error).strip().splitlines()[0]}") from error
 
 
 def load_prompt_data(args: ClmDataArguments, cache_dir: str | None = None) -> dict[str, Dataset]:
@@ -179,7 +179,7 @@ class PromptFormatter:
 
     def __init__(self, tokenizer, template: str | None = None, use_chat_template: bool = True):
         if tokenizer.eos_token_id is None:
-            raise UsageError("the tokenizer has no EOS token, so a response could never end; set eos_token")
+            raise InputError("the tokenizer has no EOS token, so a response could never end; set eos_token")
         self.tokenizer = tokenizer
         self.template = template
         self.chat = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
@@ -206,7 +206,7 @@ class PromptFormatter:
         messages = [{"role": "user", "content": self.prompt_text(prompt)}, {"role": "assistant", "content": response}]
         full = self._chat_ids(messages, add_generation_prompt=False)
         if full[: len(prompt_ids)] != prompt_ids:
-            raise UsageError("the tokenizer's chat template does not continue its generation prompt with the "
+            raise InputError("the tokenizer's chat template does not continue its generation prompt with the "
                              "response; pass --use_chat_template false (and a --prompt_template)")
         return prompt_ids, full[len(prompt_ids):]
 
@@ -277,10 +277,10 @@ def encode_split(dataset: Dataset, formatter: PromptFormatter, args: ClmDataArgu
     lengths = encoded["input_ids"]
     dropped = [row for row, ids in zip(encoded["row"], lengths) if not ids]
     if dropped and not drop_overlong:
-        raise UsageError(f"{source}: row {dropped[0] + 1} has a response longer than --max_seq_length "
+        raise InputError(f"{source}: row {dropped[0] + 1} has a response longer than --max_seq_length "
                          f"{args.max_seq_length} ({len(dropped)} such rows); raise it or pass --drop_overlong true")
     if len(dropped) == len(encoded):
-        raise UsageError(f"{source}: no row fits in --max_seq_length {args.max_seq_length}")
+        raise InputError(f"{source}: no row fits in --max_seq_length {args.max_seq_length}")
     truncated = sum(encoded["truncated"])
     features = encoded.filter(lambda ids: len(ids) > 0, input_columns="input_ids") if dropped else encoded
     return EncodedSplit(features.remove_columns(["truncated", "row"]), dropped, truncated)
