@@ -22,11 +22,15 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
+from lorpa.cli import run_cli
+from lorpa.errors import InputError
 from lorpa.harness.adapters import check_target_modules
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
-from lorpa.errors import InputError
 from lorpa.harness.flags import parse_args
-from lorpa.cli import run_cli
+from lorpa.harness.loading import load_pretrained
+from lorpa.harness.outputs import check_run_arguments
+from lorpa.harness.results import results_record, run_config, write_results
+from lorpa.harness.training import train_stages
 from lorpa.tasks.clm.arguments import ClmModelArguments
 from lorpa.tasks.clm.data import (
     ClmDataArguments,
@@ -38,14 +42,10 @@ from lorpa.tasks.clm.data import (
     pad_id,
 )
 from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
-from lorpa.tasks.clm.loading import load_causal_lm
 from lorpa.tasks.clm.gsm8k import gsm8k_metrics
+from lorpa.tasks.clm.loading import load_causal_lm
 from lorpa.tasks.clm.serving import MERGED_DIR, save_merged
-from lorpa.harness.loading import load_pretrained
-from lorpa.harness.outputs import check_run_arguments
-from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.tasks.summarization import write_summaries
-from lorpa.harness.training import train_stages
 
 ARGUMENTS = (ModelArguments, ClmDataArguments, ClmModelArguments, MethodArguments, TrainingArguments)
 

@@ -29,11 +29,14 @@ from transformers import (
     set_seed,
 )
 
-from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
-from lorpa.errors import InputError
-from lorpa.harness.flags import parse_args
 from lorpa.cli import run_cli
+from lorpa.errors import InputError
+from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
+from lorpa.harness.flags import parse_args
 from lorpa.harness.loading import load_model, load_pretrained
+from lorpa.harness.outputs import check_run_arguments
+from lorpa.harness.results import results_record, run_config, write_results
+from lorpa.harness.training import train_stages
 from lorpa.tasks.glue import (
     SELECTION_SPLIT,
     GlueDataArguments,
@@ -45,9 +48,6 @@ from lorpa.tasks.glue import (
     warn_if_too_coarse,
     without_split_prefix,
 )
-from lorpa.harness.outputs import check_run_arguments
-from lorpa.harness.results import results_record, run_config, write_results
-from lorpa.harness.training import train_stages
 
 ARGUMENTS = (ModelArguments, GlueDataArguments, MethodArguments, TrainingArguments)
 

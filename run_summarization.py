@@ -20,16 +20,17 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Seq2SeqTrainingArguments, set_seed
 
+from lorpa.checkpoints import write_json_atomic
+from lorpa.cli import run_cli
+from lorpa.errors import InputError
 from lorpa.harness.adapters import check_target_modules
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
-from lorpa.errors import InputError
 from lorpa.harness.flags import parse_args
-from lorpa.cli import run_cli
-from lorpa.tasks.generation import MergedGenerationTrainer
 from lorpa.harness.loading import load_model, load_pretrained
-from lorpa.checkpoints import write_json_atomic
 from lorpa.harness.outputs import check_run_arguments
 from lorpa.harness.results import results_record, run_config, write_results
+from lorpa.harness.training import train_stages
+from lorpa.tasks.generation import MergedGenerationTrainer
 from lorpa.tasks.summarization import (
     GeneratedRouge,
     SummarizationDataArguments,
@@ -40,7 +41,6 @@ from lorpa.tasks.summarization import (
     tokenize_summaries,
     write_summaries,
 )
-from lorpa.harness.training import train_stages
 
 ARGUMENTS = (ModelArguments, SummarizationDataArguments, MethodArguments, Seq2SeqTrainingArguments)
 

@@ -33,10 +33,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prune_speed  # noqa: E402  (the authors' prune and the adapter stand-ins, shared with benchmarks/prune_speed.py)
-
 import lorpa  # noqa: E402
 from lorpa.layers import lora_layers  # noqa: E402
+
+import prune_speed  # noqa: E402  (the authors' prune and the adapter stand-ins, shared with benchmarks/prune_speed.py)
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, max_position_embeddings=2048)

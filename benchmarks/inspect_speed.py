@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from prune_adapter import adapter_arguments, written_adapter
 
-from lorpa.inspect import inspect_adapter
 from lorpa.adapter_files import SAFETENSORS_FILE
+from lorpa.inspect import inspect_adapter
+from prune_adapter import adapter_arguments, written_adapter
 
 
 def read_files(adapter: Path) -> None:

@@ -41,8 +41,8 @@ from peft import LoraConfig, convert_to_lora, get_peft_model
 from torch import nn
 
 import lorpa
-from lorpa.layers import lora_layers
 from lorpa.calibration import CALIBRATION_ATTR, LayerCalibration
+from lorpa.layers import lora_layers
 
 R0, TARGET = 256, 8
 SHAPES = {

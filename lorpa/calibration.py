@@ -12,9 +12,9 @@ every module and the random number generators as it found them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -117,7 +117,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, tokens: str = "real"
     base = base_model(model)
     encoder = base.get_encoder() if getattr(getattr(base, "config", None), "is_encoder_decoder", False) else None
     encoder_modules = set() if encoder is None else {id(m) for m in encoder.modules()}
-    grams = {name: None for name in layers}
+    grams = dict.fromkeys(layers)
     counts = dict.fromkeys(layers, 0)
     current = {"masks": (None, None)}
 

@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
 from .cli import raise_input_error, run_cli
+from .errors import InputError
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
@@ -42,7 +42,15 @@ def _scaling(alpha: float, rank: int, rslora: bool) -> float:
 def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
     """(per-module checks, the config's top-level r / lora_alpha / use_rslora and the smallest vLLM
     --max-lora-rank that holds every module). Reads the config and the tensor shapes, never tensor data."""
-    from .adapter_files import BIN_FILE, SAFETENSORS_FILE, WeightsFile, factor_keys, find_config, pattern_key, read_config
+    from .adapter_files import (
+        BIN_FILE,
+        SAFETENSORS_FILE,
+        WeightsFile,
+        factor_keys,
+        find_config,
+        pattern_key,
+        read_config,
+    )
 
     folder = Path(adapter_dir)
     config = read_config(find_config(folder))

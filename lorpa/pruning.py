@@ -9,7 +9,7 @@ every process applies process 0's choice.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,8 +30,8 @@ from .plan import (
     choose_kept,
     component_scores,
     config_changes,
-    score_modules,
     scaling,
+    score_modules,
 )
 from .rewind import SNAPSHOT_ATTR, init_snapshot
 from .sensitivity import SENSITIVITY_ATTR, tracked_sensitivity

@@ -4,7 +4,7 @@
 import sys
 
 from .cli import run_cli
-from .harness.report import build_parser, main
+from .harness.report import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -14,9 +14,9 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .adapter_files import (
     TOLERANCE_FILE,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from test_activation import anisotropic_batches, lora_model
 
 import lorpa
 from lorpa.distributed import leave_process_group
+from test_activation import anisotropic_batches, lora_model
 
 
 def main(out: Path):

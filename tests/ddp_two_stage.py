@@ -15,9 +15,8 @@ import hashlib
 import json
 import os
 import sys
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import torch
 from datasets import Dataset

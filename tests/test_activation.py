@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import processes
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -16,6 +15,8 @@ from torch import nn
 import lorpa
 from lorpa.calibration import layer_calibration
 from lorpa.layers import lora_layers
+
+import processes
 
 IN, HIDDEN, OUT, RANK = 12, 10, 9, 6
 

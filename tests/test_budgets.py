@@ -5,27 +5,27 @@ import json
 import math
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bart, with_lora
 from peft import LoraConfig, PeftModel, convert_to_lora, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorpa
-from lorpa.layers import lora_layers
 from lorpa.budgets import choose
-from lorpa.options import PruneOptions
 from lorpa.check_adapter import check_adapter
 from lorpa.check_adapter import main as check_main
 from lorpa.cli import run_cli
 from lorpa.inspect import inspect_adapter
 from lorpa.inspect import main as inspect_main
+from lorpa.layers import lora_layers
+from lorpa.options import PruneOptions
 from lorpa.prune_adapter import main as prune_main
 from lorpa.prune_adapter import prune_saved_adapter
 from lorpa.tolerance import search_budget
+
+from conftest import tiny_bart, with_lora
 
 
 def tiny_llama(seed=0):

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorpa.harness.arguments import MethodArguments, ModelArguments
 from lorpa.errors import InputError
+from lorpa.harness.arguments import MethodArguments, ModelArguments
 from lorpa.harness.flags import parse_args
-from lorpa.tasks.glue import GlueDataArguments
-from lorpa.options import REWINDS, SCOPES, SCORES
 from lorpa.harness.training import plan_stages
+from lorpa.options import REWINDS, SCOPES, SCORES
+from lorpa.tasks.glue import GlueDataArguments
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "glue"

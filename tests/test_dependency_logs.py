@@ -5,10 +5,11 @@ import os
 import sys
 from pathlib import Path
 
-import processes
 import pytest
 
 import lorpa  # noqa: F401  (its import sets the loggers' levels)
+
+import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from golden_prune import GOLDEN_FILE, golden
 
 

@@ -6,12 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import processes
 import pytest
-from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
-from lorpa.harness import commands, launch
 from lorpa.cli import run_cli
+from lorpa.harness import commands, launch
+
+import processes
+from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "--max_train_samples 32 --max_eval_samples 16 --max_seq_length 32 --num_train_epochs 2 --disable_tqdm true"

@@ -94,7 +94,7 @@ def test_report_without_modules_is_an_error(tmp_path):
 
 
 def test_module_scope_map_shows_the_score_mass_kept_not_one_colour():
-    report = prune_report({name: 4 for name in ROBERTA})
+    report = prune_report(dict.fromkeys(ROBERTA, 4))
     flat = report["modules"]["base_model.model.roberta.encoder.layer.0.attention.self.query"]
     flat["scores"] = [1.0] * 16  # four equal components of sixteen: 25% of the mass
     values, _, title, _ = heatmap_panel(rank_grid(report))
@@ -113,7 +113,7 @@ def test_global_scope_map_shows_the_surviving_ranks():
 
 
 def test_histogram_says_it_is_stacked_and_labels_its_log_axis():
-    figure = prune_figure(prune_report({name: 4 for name in ROBERTA}))
+    figure = prune_figure(prune_report(dict.fromkeys(ROBERTA, 4)))
     scores_axis = figure.axes[1]
     assert "stacked" in scores_axis.get_title()
     figure.canvas.draw()

@@ -4,10 +4,8 @@ import json
 import sys
 from pathlib import Path
 
-import processes
 import pytest
 import torch
-from conftest import tiny_roberta
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -17,6 +15,9 @@ import lorpa.adapter_files
 import lorpa.prune_adapter
 from lorpa.cli import run_cli
 from lorpa.prune_adapter import main
+
+import processes
+from conftest import tiny_roberta
 
 
 def tiny_llama(seed=0):

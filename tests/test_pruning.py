@@ -2,10 +2,11 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_roberta, with_lora
 
 import lorpa
 from lorpa.layers import factors, lora_layers
+
+from conftest import tiny_roberta, with_lora
 
 
 def logits(model, batch):

@@ -10,7 +10,8 @@ import pytest
 
 from lorpa.cli import run_cli
 from lorpa.harness.plots import plot_prune_report
-from lorpa.harness.report import format_params, main, model_title, row_label
+from lorpa.harness.report import format_params, main
+from lorpa.harness.runs import model_title, row_label
 
 MODULES = [f"roberta.encoder.layer.{layer}.attention.self.{kind}" for layer in range(2) for kind in ("query", "value")]
 
@@ -341,7 +342,7 @@ def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp
 
 
 def test_the_rank_curve_draws_one_line_per_method_through_its_ranks(tmp_path, capsys):
-    from lorpa.harness.report import family
+    from lorpa.harness.runs import family
 
     assert family("LoRPA 64→8 (svd, prune at 100%)") == "LoRPA 64→k (svd, prune at 100%)"
     assert family("LoRA r=16") == "LoRA r=k" and family("LoRPA 64→energy 0.9 (svd)") == "LoRPA 64→energy 0.9 (svd)"
@@ -362,7 +363,8 @@ def test_the_adapter_column_counts_the_saved_lora_factors_and_the_curve_uses_it(
     import torch
     from safetensors.torch import save_file
 
-    from lorpa.harness.report import build_tables, collect_runs, rank_curves, table_rows
+    from lorpa.harness.runs import collect_runs
+    from lorpa.harness.tables import build_tables, rank_curves, table_rows
 
     for rank in (2, 4):
         data = record("lora", "mrpc", 0, 0.7 + rank / 100, 99_000, dict.fromkeys(MODULES, rank), lora_r=rank)

@@ -6,13 +6,14 @@ import shutil
 import stat
 
 import pytest
-from test_run_glue import argv_for, read_results, task_files
-from tiny_assets import write_tiny_roberta
 
 import run_glue
-from lorpa.errors import InputError
 from lorpa.checkpoints import find_resume_point, write_json_atomic
+from lorpa.errors import InputError
 from lorpa.stages import PRUNED_ADAPTER_DIR, Stage
+from test_run_glue import argv_for, read_results, task_files
+
+from tiny_assets import write_tiny_roberta
 
 STAGES = [Stage("stage1", 1), Stage("stage2", 4)]
 

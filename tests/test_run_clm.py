@@ -6,19 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_one_line_failure
 from datasets import Dataset
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_assets import write_jsonl, write_tiny_decoder
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-import lorpa
-from lorpa.layers import lora_layers
 import run_clm
 from lorpa import report
 from lorpa.harness.arguments import MethodArguments, ModelArguments
+from lorpa.harness.commands import script_for
 from lorpa.harness.flags import parse_args
+from lorpa.layers import lora_layers
 from lorpa.tasks.clm.arguments import ClmModelArguments
 from lorpa.tasks.clm.arithmetic import arithmetic_rows, write_arithmetic_gsm8k
 from lorpa.tasks.clm.data import (
@@ -31,7 +29,9 @@ from lorpa.tasks.clm.data import (
 )
 from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
 from lorpa.tasks.clm.gsm8k import gsm8k_metrics
-from lorpa.harness.commands import script_for
+
+from conftest import assert_one_line_failure
+from tiny_assets import write_jsonl, write_tiny_decoder
 
 TEMPLATE = "Question: {prompt} Think step by step.\nAnswer:"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from conftest import assert_one_line_failure
-from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-import lorpa
-from lorpa.layers import lora_layers
 import run_glue
 from lorpa.harness.arguments import MethodArguments, ModelArguments
+from lorpa.layers import lora_layers
 from lorpa.tasks.glue import GlueDataArguments, load_glue
 from lorpa.tasks.metrics import GLUE_TASKS, glue_metrics
+
+from conftest import assert_one_line_failure
+from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
 RESULT_KEYS = {
     "task", "model", "method", "seed", "metrics", "best_metrics", "trainable_params", "ranks", "stage1_ranks",

@@ -5,14 +5,11 @@ import random
 import sys
 from pathlib import Path
 
-import processes
 import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
-from conftest import assert_one_line_failure
-from tiny_assets import WORDS, sentence, write_jsonl, write_tiny_bart, write_tokenizer
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -24,14 +21,13 @@ from transformers import (
     Seq2SeqTrainingArguments,
 )
 
-import lorpa
+import run_summarization
+from lorpa.errors import InputError
+from lorpa.harness.arguments import MethodArguments, ModelArguments
+from lorpa.harness.flags import parse_args
 from lorpa.layers import lora_layers
 from lorpa.options import PruneOptions
 from lorpa.pruning import check_prune
-import run_summarization
-from lorpa.harness.arguments import MethodArguments, ModelArguments
-from lorpa.errors import InputError
-from lorpa.harness.flags import parse_args
 from lorpa.tasks.generation import MergedGenerationTrainer, merged_adapters
 from lorpa.tasks.summarization import (
     SummarizationDataArguments,
@@ -40,6 +36,10 @@ from lorpa.tasks.summarization import (
     summary_collator,
     tokenize_summaries,
 )
+
+import processes
+from conftest import assert_one_line_failure
+from tiny_assets import WORDS, sentence, write_jsonl, write_tiny_bart, write_tokenizer
 
 RESULT_KEYS = {
     "task", "model", "method", "seed", "metrics", "best_metrics", "trainable_params", "ranks", "stage1_ranks",

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_roberta, with_lora
 
 import lorpa
 from lorpa.layers import factors, lora_layers
+
+from conftest import tiny_roberta, with_lora
 
 
 def dense_component(layer, i):

@@ -4,7 +4,6 @@ import json
 import statistics
 from types import SimpleNamespace
 
-
 from lorpa.harness.study import paired_differences, paired_table, prune_table
 
 

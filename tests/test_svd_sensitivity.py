@@ -5,13 +5,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bart, tiny_roberta, with_lora
 from peft import PeftModel, convert_to_lora
 
 import lorpa
 from lorpa.layers import factors, lora_layers
 from lorpa.lowrank import relative_error, singular_factors
 from lorpa.sensitivity import SensitivityCallback, restore_sensitivity
+
+from conftest import tiny_bart, tiny_roberta, with_lora
 
 
 def dense_deltas(model):

@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import processes
 import pytest
 import torch
+
+import processes
 from tiny_assets import glue_rows, write_jsonl, write_tiny_roberta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,8 +233,8 @@ def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
 
 
 def test_slurm_launcher_without_submitit_names_the_extra(monkeypatch, capsys, tmp_path):
-    from lorpa.harness import launch
     from lorpa.cli import run_cli
+    from lorpa.harness import launch
 
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     argv = ["--table", "glue-base", "--seeds", "1", "--launcher", "slurm", "--runs_dir", str(tmp_path / "runs")]
@@ -254,8 +255,8 @@ def test_slurm_time_formats_become_minutes(time, expected):
 
 def test_bad_slurm_time_is_one_line_before_anything_is_written(capsys, tmp_path):
     pytest.importorskip("submitit")
-    from lorpa.harness import launch
     from lorpa.cli import run_cli
+    from lorpa.harness import launch
 
     argv = ["--table", "glue-base", "--launcher", "slurm", "--slurm_time", "8h", "--runs_dir", str(tmp_path / "runs")]
     assert run_cli(launch.main, argv) == 2

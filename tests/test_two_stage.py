@@ -6,12 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-import processes
 import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from tiny_assets import write_tiny_decoder
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import lorpa
@@ -19,6 +17,9 @@ from lorpa.tasks.clm.arithmetic import arithmetic_rows
 from lorpa.tasks.clm.data import PromptFormatter, pad_id
 from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
 from lorpa.tasks.clm.gsm8k import gsm8k_metrics
+
+import processes
+from tiny_assets import write_tiny_decoder
 
 KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

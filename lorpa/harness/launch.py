@@ -25,8 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import InputError
 from ..cli import raise_input_error, run_cli
+from ..errors import InputError
 from ..tasks.demo_data import write_demo_glue
 from . import commands
 from .commands import ROOT, has_flag, packaged_minilm, read_config, visible_gpus

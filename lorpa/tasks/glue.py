@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from datasets import DatasetDict, load_dataset
 

@@ -7,8 +7,8 @@ with the pad id, so padding is neither trained on nor scored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from datasets import DatasetDict, load_dataset

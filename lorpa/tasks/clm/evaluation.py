@@ -8,7 +8,7 @@ gathered back into dataset order, so every process reports the same score.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
