@@ -72,8 +72,8 @@ def test_train_two_stage_runs_both_stages_on_a_4bit_base(llama_dir, tmp_path):
     assert trained and all(p.requires_grad for p in trained)
 
 
-def test_run_clm_trains_both_stages_on_a_4bit_base_resumes_mid_stage_2_and_merges_dequantised(  # noqa: F811
-        llama_dir, data_files, tmp_path, capsys, monkeypatch):
+def test_run_clm_trains_both_stages_on_a_4bit_base_resumes_mid_stage_2_and_merges_dequantised(
+        llama_dir, data_files, tmp_path, capsys, monkeypatch):  # noqa: F811  (data_files: the imported fixture)
     # On CPUs with AVX-512 BF16, bitsandbytes repacks a 4-bit weight for a faster kernel at its first inference
     # forward, and trains on the repacked weight afterwards: a run resumed before any evaluation would then compute
     # with the other kernel. With one kernel throughout, a resumed run ends where the whole run ends (to rel 1e-4,
@@ -112,8 +112,8 @@ def test_run_clm_trains_both_stages_on_a_4bit_base_resumes_mid_stage_2_and_merge
     assert torch.nn.functional.cosine_similarity(quantised_logits.flatten(), merged_logits.flatten(), dim=0) > 0.95
 
 
-def test_both_quantisations_at_once_and_a_missing_extra_are_one_line(  # noqa: F811
-        llama_dir, data_files, tmp_path, capsys, earlier_output, monkeypatch):
+def test_both_quantisations_at_once_and_a_missing_extra_are_one_line(
+        llama_dir, data_files, tmp_path, capsys, earlier_output, monkeypatch):  # noqa: F811
     argv = argv_for(llama_dir, earlier_output, data_files, "--overwrite_output_dir", "true")
     assert_one_line_failure(run_clm.main, argv + ["--load_in_4bit", "true", "--load_in_8bit", "true"],
                             "give --load_in_4bit or --load_in_8bit, not both", capsys, earlier_output)
