@@ -58,7 +58,8 @@ def check_length(config, args: ClmDataArguments) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     longest = args.max_seq_length + args.generation_max_new_tokens
     if limit is not None and longest > limit:
-        raise InputError(f"--max_seq_length + --generation_max_new_tokens = {longest} exceeds the model's {limit} positions")
+        raise InputError(f"--max_seq_length + --generation_max_new_tokens = {longest} exceeds the model's "
+                         f"{limit} positions")
 
 
 def main(argv=None):
@@ -66,7 +67,8 @@ def main(argv=None):
         ARGUMENTS,
         argv,
         description=__doc__.splitlines()[0],
-        defaults={**TRAINING_DEFAULTS, "calibration_tokens": "loss"},  # measured better than every real token (docs/method-study.md)
+        # measured better than every real token (docs/method-study.md)
+        defaults={**TRAINING_DEFAULTS, "calibration_tokens": "loss"},
     )
     check_run_arguments(training_args, method_args)
     if method_args.prune_tolerance is not None:
@@ -97,7 +99,8 @@ def main(argv=None):
     print("data: " + ", ".join(f"{key} {value}" for key, value in data_summary.items()), flush=True)
     set_seed(training_args.seed)
 
-    collator = PaddingCollator(pad_id(tokenizer), pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None)
+    collator = PaddingCollator(pad_id(tokenizer),
+                               pad_to_multiple_of=8 if training_args.fp16 or training_args.bf16 else None)
     prompts = generation_prompts(splits["validation"], formatter, data_args)
     references = list(splits["validation"][data_args.eval_response_column])
 

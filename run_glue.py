@@ -58,7 +58,8 @@ def write_predictions(trainer: Trainer, dataset, task, output_dir: str) -> None:
     values = predictions.predictions
     values = values.reshape(-1) if task.is_regression else np.argmax(values, axis=-1)
     if trainer.is_world_process_zero():
-        lines = ["index\tprediction"] + [f"{i}\t{v:.3f}" if task.is_regression else f"{i}\t{v}" for i, v in enumerate(values)]
+        lines = ["index\tprediction"] + [f"{i}\t{v:.3f}" if task.is_regression else f"{i}\t{v}"
+                                         for i, v in enumerate(values)]
         Path(output_dir, "predict_results.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -120,7 +121,9 @@ def main(argv=None):
         training_args=training_args,
         task_type="SEQ_CLS",
         num_train_examples=len(encoded["train"]),
-        selection_score=(lambda trainer: selection_points(trainer, encoded[SELECTION_SPLIT], task)) if selection else None,
+        selection_score=(
+            (lambda trainer: selection_points(trainer, encoded[SELECTION_SPLIT], task)) if selection else None
+        ),
     )
     if "test" in encoded:
         write_predictions(outcome.trainer, encoded["test"], task, training_args.output_dir)

@@ -38,8 +38,8 @@ from lorpa.layers import lora_layers  # noqa: E402
 
 import prune_speed  # noqa: E402  (the authors' prune and the adapter stand-ins, shared with benchmarks/prune_speed.py)
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, max_position_embeddings=2048)
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048)
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 
@@ -56,7 +56,8 @@ def decoder(shape: dict, device, dtype) -> LlamaForCausalLM:
 
 
 def with_lora(model, rank: int):
-    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank,
+                                            target_modules="all-linear"))
 
 
 def pruned_stage(shape, device, dtype, r0: int, rank: int):
@@ -128,8 +129,9 @@ def prune_times(shape: str, device, peft_layers: int, repeats: int) -> dict:
     results.update(medians)
     del model
     model = prune_speed.build(shape, everything, device)
-    medians, _ = prune_speed.time_variants(model, {"lorpa.prune magnitude (all modules)": prune_speed.lorpa_kept("magnitude"),
-                                                   "lorpa.prune svd (all modules)": prune_speed.lorpa_kept("svd")}, repeats)
+    medians, _ = prune_speed.time_variants(
+        model, {"lorpa.prune magnitude (all modules)": prune_speed.lorpa_kept("magnitude"),
+                "lorpa.prune svd (all modules)": prune_speed.lorpa_kept("svd")}, repeats)
     results.update(medians)
     del model
     model = prune_speed.build(shape, everything, device, peft_layers)
@@ -157,11 +159,13 @@ def qlora_round_trip(shape, device) -> dict:
         decoder(shape, torch.device("cpu"), torch.bfloat16).save_pretrained(folder)
 
         def base():
-            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantisation, device_map={"": str(device)})
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantisation,
+                                                         device_map={"": str(device)})
             return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
         started = time.perf_counter()
-        model = lorpa.get_peft_model(base(), LoraConfig(task_type="CAUSAL_LM", r=32, lora_alpha=64, target_modules="all-linear"))
+        model = lorpa.get_peft_model(base(), LoraConfig(task_type="CAUSAL_LM", r=32, lora_alpha=64,
+                                                        target_modules="all-linear"))
         ids = torch.randint(0, shape["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(2)).to(device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         for _ in range(3):
@@ -184,7 +188,8 @@ def qlora_round_trip(shape, device) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (what the tests run), not a measurement")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes on CPU (what the tests run), not a measurement")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: 10, tiny: 2)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -205,9 +210,10 @@ def main(argv=None) -> dict:
         peak = "" if figures["peak_gib"] is None else f", peak {figures['peak_gib']:.2f} GiB"
         print(f"   {name:<36} {figures['step_s'] * 1000:8.1f} ms  {figures['ratio_to_lora']:.3f}x LoRA r={rank}{peak}")
 
-    results["prune time"] = prune_times("tiny" if args.tiny else "llama-7b", device, 1 if args.tiny else 2, 1 if args.tiny else 3)
-    print(f"\n2. prune, {'tiny LLaMA-like' if args.tiny else 'LLaMA-7B'}-shaped all-linear adapter, r0 {prune_speed.R0} -> "
-          f"{prune_speed.TARGET}, with the report's error measurement:")
+    results["prune time"] = prune_times("tiny" if args.tiny else "llama-7b", device, 1 if args.tiny else 2,
+                                        1 if args.tiny else 3)
+    print(f"\n2. prune, {'tiny LLaMA-like' if args.tiny else 'LLaMA-7B'}-shaped all-linear adapter, "
+          f"r0 {prune_speed.R0} -> {prune_speed.TARGET}, with the report's error measurement:")
     authors = results["prune time"]["authors' prune() (square modules)"]
     for name, value in results["prune time"].items():
         if name.startswith("svd:"):

@@ -131,9 +131,9 @@ def main():
     same = sum(bool((a == b).all()) for a, b in zip(outputs["unmerged"], outputs["merged"]))
     print(
         f"{args.num_articles} XSum articles ({statistics.mean(lengths):.0f} source tokens on average, "
-        f"max {args.max_source_length}) -> {args.summary_tokens} tokens each; {args.shape} shape, LoRA r={args.lora_r} "
-        f"on q_proj/v_proj; beams {args.num_beams}, batch {args.batch_size}, {args.threads} threads, "
-        f"median of {args.rounds} rounds"
+        f"max {args.max_source_length}) -> {args.summary_tokens} tokens each; {args.shape} shape, "
+        f"LoRA r={args.lora_r} on q_proj/v_proj; beams {args.num_beams}, batch {args.batch_size}, "
+        f"{args.threads} threads, median of {args.rounds} rounds"
     )
     for name, measured in times.items():
         median = statistics.median(measured)

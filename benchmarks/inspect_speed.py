@@ -36,7 +36,8 @@ def main():
     with written_adapter(args) as (_, adapter, modules, contents):
         print(f"adapter: {modules}, {contents}; threads=1, median of {args.repeats} interleaved runs after one "
               "dropped warm-up round")
-        variants = {"lorpa.inspect": lambda: inspect_adapter(adapter), "read the weights file": lambda: read_files(adapter)}
+        variants = {"lorpa.inspect": lambda: inspect_adapter(adapter),
+                    "read the weights file": lambda: read_files(adapter)}
         times = {name: [] for name in variants}
         for _ in range(args.repeats + 1):
             for name, run in variants.items():

@@ -52,10 +52,13 @@ def write_adapter(folder: Path, args) -> int:
     tensors = {}
     for name, fan_in, fan_out in module_shapes(args.layers, args.hidden, args.intermediate):
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = (torch.randn(args.r, fan_in, generator=generator) / fan_in**0.5).to(DTYPES[args.dtype])
-        tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, args.r, generator=generator) / 100).to(DTYPES[args.dtype])
+        tensors[f"{prefix}.lora_A.weight"] = (torch.randn(args.r, fan_in, generator=generator)
+                                              / fan_in**0.5).to(DTYPES[args.dtype])
+        tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, args.r, generator=generator)
+                                              / 100).to(DTYPES[args.dtype])
     save_file(tensors, folder / SAFETENSORS_FILE, metadata={"format": "pt"})
-    LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=[*ATTENTION, *MLP], task_type="CAUSAL_LM").save_pretrained(folder)
+    LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=[*ATTENTION, *MLP],
+               task_type="CAUSAL_LM").save_pretrained(folder)
     return sum(t.numel() for t in tensors.values())
 
 
@@ -66,7 +69,8 @@ def run_prune(adapter: Path, output: Path, args, scope: str) -> None:
 def run_io_floor(adapter: Path, output: Path, args, scope: str) -> None:
     """Read every tensor, write a file of the pruned size: the least any pruning tool must do."""
     tensors = load_file(adapter / SAFETENSORS_FILE)
-    kept = {key: t[: args.target_rank] if ".lora_A." in key else t[:, : args.target_rank].contiguous() for key, t in tensors.items()}
+    kept = {key: t[: args.target_rank] if ".lora_A." in key else t[:, : args.target_rank].contiguous()
+            for key, t in tensors.items()}
     output.mkdir()
     save_file(kept, output / SAFETENSORS_FILE, metadata={"format": "pt"})
 
@@ -121,7 +125,8 @@ def written_adapter(args):
         parameters = write_adapter(adapter, args)
         size = (adapter / SAFETENSORS_FILE).stat().st_size / 2**20
         modules = len(list(module_shapes(args.layers, args.hidden, args.intermediate)))
-        yield Path(root), adapter, f"{modules} modules, r={args.r}", f"{parameters / 1e6:.0f}M parameters, {args.dtype}, {size:.0f} MiB"
+        yield (Path(root), adapter, f"{modules} modules, r={args.r}",
+               f"{parameters / 1e6:.0f}M parameters, {args.dtype}, {size:.0f} MiB")
 
 
 def main():
@@ -136,7 +141,8 @@ def main():
     with written_adapter(args) as (root, adapter, modules, contents):
         print(f"adapter: {modules} -> {args.target_rank}, {contents}; "
               f"threads={torch.get_num_threads()}, median of {args.repeats} interleaved runs")
-        memory = {variant: [measure_memory(variant, adapter, args) for _ in range(args.memory_runs)] for variant in VARIANTS}
+        memory = {variant: [measure_memory(variant, adapter, args) for _ in range(args.memory_runs)]
+                  for variant in VARIANTS}
         times = {variant: [] for variant in VARIANTS}
         for _ in range(args.repeats + 1):  # the first round warms the page cache and is dropped
             for variant, (function, scope) in VARIANTS.items():

@@ -51,7 +51,8 @@ SHAPES = {
         "q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
         "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096),
     }),
-    "tiny": dict(layers=1, modules={  # LLaMA's seven projections at a size that prunes in milliseconds (a check, not a figure)
+    "tiny": dict(layers=1, modules={  # LLaMA's seven projections at a size that prunes in milliseconds
+        # (a check, not a figure)
         "q_proj": (512, 512), "k_proj": (512, 512), "v_proj": (512, 512), "o_proj": (512, 512),
         "gate_proj": (512, 1024), "up_proj": (512, 1024), "down_proj": (1024, 512),
     }),
@@ -64,7 +65,8 @@ class FrozenLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, device="cpu"):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.zeros(1, device=device).expand(out_features, in_features), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(1, device=device).expand(out_features, in_features),
+                                   requires_grad=False)
         self.bias = None
 
 
@@ -72,7 +74,8 @@ class Stack(nn.Module):
     def __init__(self, layers: int, modules: dict[str, tuple[int, int]], device="cpu"):
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleDict({name: FrozenLinear(i, o, device) for name, (i, o) in modules.items()}) for _ in range(layers)
+            nn.ModuleDict({name: FrozenLinear(i, o, device) for name, (i, o) in modules.items()})
+            for _ in range(layers)
         )
 
 
@@ -95,7 +98,8 @@ def authors_prune(model, target_rank: int, adapter_name: str = "default") -> dic
 
 
 def build(shape: str, targets: list[str], device="cpu", layers: int | None = None):
-    """The shape's adapter at r0 (peft puts the factors on the frozen weights' device); `layers` keeps the first few."""
+    """The shape's adapter at r0 (peft puts the factors on the frozen weights' device); `layers` keeps the
+    first few."""
     torch.manual_seed(0)
     config = LoraConfig(r=R0, lora_alpha=R0, target_modules=targets, init_lora_weights=False)
     spec = dict(SHAPES[shape], **({} if layers is None else {"layers": layers}))
@@ -155,7 +159,8 @@ def compare(title: str, model, repeats: int, extra: dict | None = None) -> None:
                 "authors' prune()": lambda m: authors_prune(m, TARGET), **(extra or {})}
     medians, kept = time_variants(model, variants, repeats)
     modules = len(kept["authors' prune()"])
-    differ = [n for n in kept["authors' prune()"] if sorted(kept["authors' prune()"][n]) != kept["lorpa.prune elementwise"][n]]
+    differ = [n for n in kept["authors' prune()"]
+              if sorted(kept["authors' prune()"][n]) != kept["lorpa.prune elementwise"][n]]
     ties = tied_modules(model)
     print(f"\n{title}: {modules} modules, r0={R0} -> {TARGET}")
     reference = medians["authors' prune()"]
@@ -191,8 +196,8 @@ def with_calibration(model) -> None:
 
 def compare_output_space(title: str, model, repeats: int) -> None:
     with_calibration(model)
-    medians, _ = time_variants(model, {"lorpa.prune svd": lorpa_kept("svd"), "lorpa.prune activation": lorpa_kept("activation")},
-                               repeats)
+    medians, _ = time_variants(model, {"lorpa.prune svd": lorpa_kept("svd"),
+                                       "lorpa.prune activation": lorpa_kept("activation")}, repeats)
     print(f"\n{title}: {len(lora_layers(model))} modules, r0={R0} -> {TARGET}, singular basis against output basis")
     for name, seconds in medians.items():
         print(f"  {name:<42}{seconds * 1000:9.1f} ms  {seconds / medians['lorpa.prune svd']:6.2f}x svd's time")
@@ -204,7 +209,8 @@ def compare_calibration(repeats: int, batches: int = 8, batch_size: int = 16, le
 
     torch.manual_seed(0)
     base = RobertaForSequenceClassification(RobertaConfig(vocab_size=50265, max_position_embeddings=514, num_labels=2))
-    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=R0, lora_alpha=R0, target_modules=["query", "value"])).eval()
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=R0, lora_alpha=R0,
+                                            target_modules=["query", "value"])).eval()
     generator = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(3, 50000, (batch_size, length), generator=generator),
              "attention_mask": torch.ones(batch_size, length, dtype=torch.long)} for _ in range(batches)]
@@ -221,7 +227,8 @@ def compare_calibration(repeats: int, batches: int = 8, batch_size: int = 16, le
             run()
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"\ncalibration pass, RoBERTa-base shape, LoRA r0={R0} on query/value, {batches} batches of {batch_size}x{length}:")
+    print(f"\ncalibration pass, RoBERTa-base shape, LoRA r0={R0} on query/value, "
+          f"{batches} batches of {batch_size}x{length}:")
     for name, seconds in medians.items():
         print(f"  {name:<42}{seconds * 1000:9.1f} ms  {seconds / medians['plain forward']:6.2f}x a plain forward")
 
@@ -261,7 +268,8 @@ def main():
         compare("LLaMA-7B shape, square attention modules q/k/v/o", build("llama-7b", square), args.repeats)
         everything = build("llama-7b", list(SHAPES["llama-7b"]["modules"]))
         medians, kept = time_variants(everything, {"lorpa.prune magnitude": lorpa_kept("magnitude")}, args.repeats)
-        print(f"\nLLaMA-7B shape, all linear layers: {len(kept['lorpa.prune magnitude'])} modules, r0={R0} -> {TARGET}")
+        print(f"\nLLaMA-7B shape, all linear layers: {len(kept['lorpa.prune magnitude'])} modules, "
+              f"r0={R0} -> {TARGET}")
         print(f"  {'lorpa.prune magnitude':<28}{medians['lorpa.prune magnitude'] * 1000:9.1f} ms  "
               "(the authors' score and lorpa's elementwise are undefined on the 96 non-square modules)")
         compare_output_space("LLaMA-7B shape, all linear layers", everything, args.repeats)

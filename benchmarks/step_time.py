@@ -128,7 +128,8 @@ def peak_memory(variant, size, batch_size, seq_len, device_name, queue):
 def measure_memory(variant, args, device_name) -> float:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=peak_memory, args=(variant, args.size, args.batch_size, args.seq_len, device_name, queue))
+    process = context.Process(target=peak_memory,
+                              args=(variant, args.size, args.batch_size, args.seq_len, device_name, queue))
     process.start()
     value = queue.get()
     process.join()
@@ -150,8 +151,8 @@ def sst2_sentences(data_dir: str | None) -> list[str]:
     try:
         return load_dataset("nyu-mll/glue", "sst2", split="validation")["sentence"]
     except Exception as error:  # offline, hub errors: several exception types
-        raise SystemExit(f"error: SST-2 could not be loaded from the hub ({type(error).__name__}); pass --data_dir DIR "
-                         "with DIR/glue/sst2/validation.jsonl, or --skip_padding") from None
+        raise SystemExit(f"error: SST-2 could not be loaded from the hub ({type(error).__name__}); "
+                         "pass --data_dir DIR with DIR/glue/sst2/validation.jsonl, or --skip_padding") from None
 
 
 def sst2_lengths(sentences: list[str], batch_size: int, batches: int) -> list[list[int]]:
@@ -176,8 +177,8 @@ def main():
     args = parser.parse_args()
     sentences = None if args.skip_padding else sst2_sentences(args.data_dir)  # fail before the long part
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device={device}, threads={torch.get_num_threads()}, size={args.size}, batch={args.batch_size}x{args.seq_len}, "
-          f"median of {args.steps} interleaved steps")
+    print(f"device={device}, threads={torch.get_num_threads()}, size={args.size}, "
+          f"batch={args.batch_size}x{args.seq_len}, median of {args.steps} interleaved steps")
 
     memory = {} if args.skip_memory else {v: measure_memory(v, args, device.type) for v in VARIANTS}
     steppers = {variant: Stepper(build(variant, args.size), device, "sens" in variant) for variant in VARIANTS}
@@ -191,7 +192,8 @@ def main():
         print(line + (f"{memory[variant]:>22.0f}" if memory else ""))
     total = 0.2 * medians["lora r=256"] + 0.8 * medians["lorpa 256->8"]
     print(f"\nwhole lorpa run (20% of steps at r=256, 80% pruned) vs lora r=8 run: {total / medians['lora r=8']:.3f}")
-    print(f"sensitivity tracking: r=256 +sens vs lora r=256 step: {medians['r=256 +sens'] / medians['lora r=256']:.3f}")
+    print(f"sensitivity tracking: r=256 +sens vs lora r=256 step: "
+          f"{medians['r=256 +sens'] / medians['lora r=256']:.3f}")
 
     if not args.skip_padding:
         lengths = sst2_lengths(sentences, args.batch_size, 4)

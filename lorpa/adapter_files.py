@@ -35,7 +35,8 @@ FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.weight$")
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False}  # LoraConfig's, for keys a config leaves out
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 SAFETENSORS_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 
@@ -64,9 +65,11 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise InputError(f"{path} must hold a JSON object")
     config = {**PEFT_DEFAULTS, **config}
-    config["rank_pattern"], config["alpha_pattern"] = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        config[key] = config.get(key) or {}
     ranks = [("r", config["r"])] + [(f"rank_pattern[{k!r}]", v) for k, v in config["rank_pattern"].items()]
-    alphas = [("lora_alpha", config["lora_alpha"])] + [(f"alpha_pattern[{k!r}]", v) for k, v in config["alpha_pattern"].items()]
+    alphas = [("lora_alpha", config["lora_alpha"])]
+    alphas += [(f"alpha_pattern[{k!r}]", v) for k, v in config["alpha_pattern"].items()]
     for key, value in ranks:
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise InputError(f"{path}: {key} must be a positive integer, as peft needs it, got {value!r}")
@@ -172,8 +175,9 @@ class AdapterFolder:
         if self.config.get("use_dora"):
             raise InputError("DoRA adapters cannot be rank-pruned (the magnitude vector depends on all ranks)")
         if self.config.get("target_parameters"):
-            raise InputError("LoRA on parameters (target_parameters) cannot be rank-pruned; only LoRA on linear layers")
-        path = next((self.folder / name for name in (SAFETENSORS_FILE, BIN_FILE) if (self.folder / name).is_file()), None)
+            raise InputError("LoRA on parameters (target_parameters) cannot be rank-pruned; only LoRA on linear "
+                             "layers")
+        path = next((self.folder / n for n in (SAFETENSORS_FILE, BIN_FILE) if (self.folder / n).is_file()), None)
         if path is None:
             raise InputError(f"no {SAFETENSORS_FILE} or {BIN_FILE} in {self.folder}")
         self.weights = WeightsFile(path)
@@ -193,10 +197,12 @@ class AdapterFolder:
     def _modules(self) -> dict[str, AdaptedModule]:
         for key in self.weights.keys:
             if "lora_magnitude_vector" in key:
-                raise InputError(f"{key}: DoRA adapters cannot be rank-pruned (the magnitude vector depends on all ranks)")
+                raise InputError(f"{key}: DoRA adapters cannot be rank-pruned (the magnitude vector depends on all "
+                                 "ranks)")
             if "lora_embedding_" in key:
                 raise InputError(f"{key}: only LoRA on linear layers can be rank-pruned, found an embedding adapter")
-            if re.search(r"\.lora_[A-Za-z_]+\.", key) and not FACTOR_KEY.match(key) and not key.endswith(".lora_B.bias"):
+            foreign = re.search(r"\.lora_[A-Za-z_]+\.", key) and not FACTOR_KEY.match(key)
+            if foreign and not key.endswith(".lora_B.bias"):
                 raise InputError(f"tensor {key} is not in peft's saved LoRA format (one adapter, names without the "
                                  "adapter name)")
         found = factor_keys(self.weights.keys)
@@ -247,7 +253,8 @@ def write_safetensors(path: Path, tensors, metadata: dict[str, str]) -> None:
         for key, dtype, shape, produce in tensors:
             tensor = produce().contiguous()
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise RuntimeError(f"{key}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}")
+                raise RuntimeError(f"{key}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} "
+                                   f"{list(shape)}")
             stream.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 

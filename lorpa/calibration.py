@@ -97,7 +97,8 @@ def _untouched(model: nn.Module):
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-def calibrate(model: nn.Module, batches: Iterable[dict], *, tokens: str = "real", adapter_name: str | None = None) -> int:
+def calibrate(model: nn.Module, batches: Iterable[dict], *, tokens: str = "real",
+              adapter_name: str | None = None) -> int:
     """Record G = Σ (A·x)(A·x)ᵀ on every LoRA layer, over the tokens of `batches` (dicts of the model's inputs,
     as a Trainer's data loader yields them); returns the tokens counted (largest over layers, all processes).
 
@@ -132,8 +133,8 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, tokens: str = "real"
             counts[name] += z.shape[0]
         return record
 
-    handles = [layer.lora_A[adapter_name].register_forward_hook(hook(name, encoder is not None and id(layer) not in encoder_modules))
-               for name, layer in layers.items()]
+    handles = [layer.lora_A[adapter_name].register_forward_hook(
+        hook(name, encoder is not None and id(layer) not in encoder_modules)) for name, layer in layers.items()]
     device = next(model.parameters()).device
     try:
         with _untouched(model):

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorpa.check_adapt
           f"{summary['vllm_max_lora_rank'] or 'above 512 (not supported)'}")
     if bad:
         print(f"{len(bad)} of {len(checks)} modules would be served differently from peft: merge the adapter "
-              "(--merge_final), or prune it again with alpha='fold' (python -m lorpa.prune_adapter IN OUT ... --alpha fold)")
+              "(--merge_final), or prune it again with alpha='fold' (python -m lorpa.prune_adapter IN OUT ... "
+              "--alpha fold)")
         return 1
     print(f"all {len(checks)} modules are served as peft serves them")
     return 0

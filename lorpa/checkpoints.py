@@ -114,7 +114,8 @@ def find_resume_point(checkpoint: str | None, output_dir: str, stages: list[Stag
                 skipped = True
         if not skipped:
             raise InputError(f"no checkpoint to resume under {output_dir}")
-        print(f"no complete checkpoint under {output_dir}: training starts from the beginning", file=sys.stderr, flush=True)
+        print(f"no complete checkpoint under {output_dir}: training starts from the beginning", file=sys.stderr,
+              flush=True)
         return 0, None
     path = Path(checkpoint)
     if not path.is_dir():
@@ -140,7 +141,8 @@ def redo_from(output_dir: str, stages: list[Stage], start: int) -> str:
     usable = [p for p in found if checkpoint_problem(p) is None]
     if not usable:
         return f"no {previous} checkpoint is left to redo it from: start again with --overwrite_output_dir"
-    return f"resume from {previous} with --resume_from_checkpoint {usable[-1]} (the pruning is redone deterministically)"
+    return (f"resume from {previous} with --resume_from_checkpoint {usable[-1]} (the pruning is redone "
+            "deterministically)")
 
 
 def read_records(output_dir: str, stages: list[Stage], start: int, name_of) -> list[dict]:
@@ -154,6 +156,6 @@ def read_records(output_dir: str, stages: list[Stage], start: int, name_of) -> l
         try:
             records.append(json.loads(Path(output_dir, name).read_text()))
         except (OSError, ValueError) as error:
-            raise InputError(f"{output_dir}: the record of the pruning step is missing or damaged ({describe(error)}); "
-                             f"{redo_from(output_dir, stages, start)}") from error
+            raise InputError(f"{output_dir}: the record of the pruning step is missing or damaged "
+                             f"({describe(error)}); {redo_from(output_dir, stages, start)}") from error
     return records

@@ -1,11 +1,11 @@
 """How small can a saved LoRA adapter be? The singular spectrum of every module's update, from the files alone.
 
-    python -m lorpa.inspect ADAPTER_DIR [--json] [--plot spectra.png]
+    lorpa inspect ADAPTER_DIR [--json] [--plot spectra.png]      (or python -m lorpa.inspect)
 
-No base model and no GPU: one module's tensors at a time, and neither transformers nor peft is imported. Per module: its rank, the
-singular values of its scaled update s·B·A, the share of Σσ² the top k keep (k = 1, 2, 4, 8, ...) and the
-rank each energy threshold would keep. Totals: parameters and file size at each rank in module scope and
-at each average rank of one global budget ranked by singular value (what `lorpa.prune` with score="svd"
+No base model and no GPU: one module's tensors at a time, and neither transformers nor peft is imported. Per
+module: its rank, the singular values of its scaled update s·B·A, the share of Σσ² the top k keep (k = 1, 2, 4, 8,
+...) and the rank each energy threshold would keep. Totals: parameters and file size at each rank in module scope
+and at each average rank of one global budget ranked by singular value (what `lorpa.prune` with score="svd"
 keeps), and the total rank each energy threshold keeps in either scope.
 """
 
@@ -83,7 +83,8 @@ def totals(modules, sigmas: dict, weights, other_bytes: int) -> dict:
     total_energy = sum(float(s.double().square().sum()) for s in sigmas.values())
 
     def entry(ranks: dict[str, int]) -> dict:
-        kept = sum(float(torch.sort(sigmas[n].double().square(), descending=True).values[: ranks[n]].sum()) for n in ranks)
+        kept = sum(float(torch.sort(sigmas[n].double().square(), descending=True).values[: ranks[n]].sum())
+                   for n in ranks)
         params, size = _size(modules, weights, ranks, other_bytes)
         return {"total_rank": sum(ranks.values()), "parameters": params, "file_bytes": size,
                 "energy_kept": 1.0 if total_energy == 0 else kept / total_energy, "max_rank": max(ranks.values())}
@@ -95,7 +96,8 @@ def totals(modules, sigmas: dict, weights, other_bytes: int) -> dict:
     for k in powers_of_two(largest):
         kept = choose(sigmas, PruneOptions(score="svd").at_total(min(k * len(modules), components)))
         global_scope[str(k)] = entry({n: len(i) for n, i in kept.items()})
-    energy_module = {str(e): entry({n: energy_rank(s.double().square(), e) for n, s in sigmas.items()}) for e in THRESHOLDS}
+    energy_module = {str(e): entry({n: energy_rank(s.double().square(), e) for n, s in sigmas.items()})
+                     for e in THRESHOLDS}
     energy_global = {str(e): entry({n: len(i) for n, i in choose(sigmas, PruneOptions(score="svd", scope="global")
                                                                  .at_energy(e)).items()}) for e in THRESHOLDS}
     full = entry({n: m.rank for n, m in modules.items()})
@@ -112,7 +114,7 @@ def _human(count: float, unit: str = "") -> str:
 
 def text_report(result: dict) -> str:
     """The terminal view: one line per module, then the totals at each budget."""
-    shown = [k for k in ("1", "2", "4", "8", "16", "32", "64")]
+    shown = ["1", "2", "4", "8", "16", "32", "64"]
     lines = [f"adapter {result['adapter']}: {len(result['modules'])} LoRA modules", "",
              "module | rank | σ1 | energy kept at rank " + " / ".join(shown) + " | rank for energy "
              + " / ".join(map(str, THRESHOLDS))]
@@ -137,7 +139,8 @@ def text_report(result: dict) -> str:
     for label, key in (("rank {} per module", "module_rank"), ("average rank {} (global)", "global_average_rank"),
                        ("energy {} per module", "module_energy"), ("energy {} (global)", "global_energy")):
         for value, entry in t[key].items():
-            lines.append(f"{label.format(value)} | {entry['total_rank']} | {entry['max_rank']} | {_human(entry['parameters'])} | "
+            lines.append(f"{label.format(value)} | {entry['total_rank']} | {entry['max_rank']} | "
+                         f"{_human(entry['parameters'])} | "
                          f"{_human(entry['file_bytes'], 'B')} | {entry['energy_kept']:.3f}")
     return "\n".join(lines) + "\n"
 
@@ -156,7 +159,8 @@ def plot_spectra(result: dict, out_path) -> Path:
         left.plot(ranks, [s / sigma[0] for s in sigma], linewidth=0.6, alpha=0.5)
         cumulative = list(itertools.accumulate(s * s for s in sigma))
         right.plot(ranks, [c / cumulative[-1] for c in cumulative], linewidth=0.6, alpha=0.5)
-    left.set(xscale="log", yscale="log", xlabel="component k", ylabel="σ_k / σ_1", title="singular values, one line per module")
+    left.set(xscale="log", yscale="log", xlabel="component k", ylabel="σ_k / σ_1",
+             title="singular values, one line per module")
     right.set(xscale="log", xlabel="rank k kept", ylabel="share of Σσ² kept", title="energy kept")
     for threshold in (0.9, 0.95, 0.99):
         right.axhline(threshold, linestyle="--", linewidth=0.8, color="gray")
@@ -169,7 +173,8 @@ def build_parser(prog: str = "python -m lorpa.inspect") -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.error = raise_input_error
     parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
-    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout, and nothing else there")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document on stdout, and nothing else there")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also draw the spectra into this PNG file")
     return parser
 

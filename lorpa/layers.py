@@ -52,7 +52,8 @@ def lora_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, 
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             continue
         if module.use_dora.get(adapter_name, False):
-            raise InputError(f"{name}: DoRA adapters cannot be rank-pruned (the magnitude vector depends on all ranks)")
+            raise InputError(f"{name}: DoRA adapters cannot be rank-pruned (the magnitude vector depends on all "
+                             "ranks)")
         factors = (module.lora_A[adapter_name], module.lora_B[adapter_name])
         if not all(type(f) is nn.Linear for f in factors):
             raise InputError(f"{name}: only LoRA on linear layers can be rank-pruned, found {type(module).__name__}")

@@ -136,11 +136,13 @@ def relative_error(before: tuple, after: tuple) -> float:
     """
     (a0, b0, s0), (a1, b1, s1) = before, after
     A0, B0 = a0.detach().double(), b0.detach().double()
-    A1, B1 = a1.detach().to(device=a0.device, dtype=torch.float64), b1.detach().to(device=b0.device, dtype=torch.float64)
+    A1 = a1.detach().to(device=a0.device, dtype=torch.float64)
+    B1 = b1.detach().to(device=b0.device, dtype=torch.float64)
     squared_norm = s0 * s0 * torch.sum((B0.t() @ B0) * (A0 @ A0.t()))
     cross = s0 * s1 * torch.sum((B0.t() @ B1) * (A0 @ A1.t()))
     kept = s1 * s1 * torch.sum((B1.t() @ B1) * (A1 @ A1.t()))
-    norm, difference = float(squared_norm.clamp_min(0).sqrt()), float((squared_norm - 2 * cross + kept).clamp_min(0).sqrt())
+    norm = float(squared_norm.clamp_min(0).sqrt())
+    difference = float((squared_norm - 2 * cross + kept).clamp_min(0).sqrt())
     if norm == 0:
         return 0.0 if difference == 0 else math.inf
     return difference / norm

@@ -23,6 +23,7 @@ ALPHA_MODES = ("keep_scaling", "fold")  # or a number
 SVD_SPLITS = ("balanced", "orthonormal_a")
 GLOBAL_NORMS = ("absolute", "relative")
 BUDGETS = ("target_rank", "ratio", "total_rank", "energy", "tolerance")
+REPORTED = ("score", "scope", "rewind", "svd_split", "global_norm")  # the settings a prune report records
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class PruneOptions:
         if self.total_rank is not None and self.scope != "global":
             raise InputError("total_rank is a budget over all modules: use it with scope='global'")
         if self.tolerance is not None and self.scope != "global":
-            raise InputError("tolerance searches one budget over all modules: use it with scope='global' (the default)")
+            raise InputError("tolerance searches one budget over all modules: use it with scope='global' (the "
+                             "default)")
         if self.score is not None:
             self._check_score()
 

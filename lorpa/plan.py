@@ -152,7 +152,8 @@ def score_modules(modules: dict[str, ModuleFactors], options: PruneOptions) -> d
     for name, module in modules.items():
         problem = check_finite(name, module.lora_A, module.lora_B)
         if problem is not None:
-            raise InputError(f"{problem}; such an adapter cannot be pruned (retrain it, or prune an earlier checkpoint)")
+            raise InputError(f"{problem}; such an adapter cannot be pruned (retrain it, or prune an earlier "
+                             "checkpoint)")
         scores, rotation = component_scores(name, module, options)
         if rotation is not None:
             gram = rotation.weight_energy
@@ -216,7 +217,8 @@ def build_plan(scored: dict[str, ScoredModule], options: PruneOptions, kept: dic
         if module.error_gram is None:
             weight_error = relative_error((before.lora_A, before.lora_B, before.scaling), (new_A, new_B, new_scale))
         else:  # folded: the scaling went into B
-            weight_error = kept_error(module.error_gram, indices, before.scaling, before.scaling if folded else new_scale)
+            kept_scale = before.scaling if folded else new_scale
+            weight_error = kept_error(module.error_gram, indices, before.scaling, kept_scale)
         calibration = before.calibration
         report.modules[name] = ModulePruning(
             old_rank=before.rank,

@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorpa.prune_adapt
         for candidate in search.candidates:
             print(f"candidate: total rank {candidate.total_rank}, {candidate.parameters} parameters, "
                   f"score {candidate.score:g}")
+        capped = "" if search.within else " (none within it: the largest --max_rank allows)"
         print(f"kept total rank {search.kept} of {search.full_rank}: the smallest within {options.tolerance:g} of the "
-              f"input's {search.reference:g}" + ("" if search.within else " (none within it: the largest --max_rank allows)"))
+              f"input's {search.reference:g}{capped}")
     else:
         report = prune_saved_adapter(args.adapter_dir, args.output_dir, options, overwrite=args.overwrite)
     old, new = sum(report.old_ranks.values()), sum(report.ranks.values())

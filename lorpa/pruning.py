@@ -156,7 +156,8 @@ def apply_plan(model: PeftModel, adapter_name: str, modules: dict[str, ModuleFac
         if report.folded:
             layer.use_rslora[adapter_name] = False
         layer.r[adapter_name], layer.lora_alpha[adapter_name] = pruning.new_rank, pruning.new_alpha
-        layer.scaling[adapter_name] = scaling(pruning.new_alpha, pruning.new_rank, layer.use_rslora.get(adapter_name, False))
+        rslora = layer.use_rslora.get(adapter_name, False)
+        layer.scaling[adapter_name] = scaling(pruning.new_alpha, pruning.new_rank, rslora)
     config = model.peft_config[adapter_name]
     for key, value in config_changes(report).items():
         setattr(config, key, value)
@@ -202,10 +203,11 @@ def prune_to_tolerance(model: nn.Module, evaluate: Callable[[nn.Module], float],
     scored = score_live(modules, options)
     reference = float(evaluate(model))
 
-    def candidate(total_rank: int) -> Candidate:
-        plan = plan_live(scored, options.at_total(total_rank))
+    def candidate(components: int) -> Candidate:
+        plan = plan_live(scored, options.at_total(components))
         apply_plan(model, adapter_name, modules, plan)
-        return Candidate(sum(plan.report.ranks.values()), parameters(shapes, plan.report.ranks), float(evaluate(model)))
+        ranks = plan.report.ranks
+        return Candidate(sum(ranks.values()), parameters(shapes, ranks), float(evaluate(model)))
 
     search = search_budget(candidate, sum(options.bounds(r)[0] for r in ranks.values()),
                            sum(options.bounds(r)[1] for r in ranks.values()), sum(ranks.values()),

@@ -22,7 +22,8 @@ def record_init(model: nn.Module, adapter_name: str | None = None) -> None:
     adapter_name = resolve_adapter(model, adapter_name)
     for layer in lora_layers(model, adapter_name).values():
         lora_A, lora_B = factors(layer, adapter_name)
-        set_layer_state(layer, SNAPSHOT_ATTR, adapter_name, (lora_A.detach().cpu().clone(), lora_B.detach().cpu().clone()))
+        snapshot = (lora_A.detach().cpu().clone(), lora_B.detach().cpu().clone())
+        set_layer_state(layer, SNAPSHOT_ATTR, adapter_name, snapshot)
 
 
 def get_peft_model(model: nn.Module, config: peft.LoraConfig, **kwargs) -> peft.PeftModel:

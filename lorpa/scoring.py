@@ -63,10 +63,11 @@ class Rotation:
         return (self.amplitude / math.sqrt(total) if total > 0 else torch.zeros_like(self.amplitude)).float().cpu()
 
 
-def rotate(score: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, calibration, svd_split: str = "balanced"):
+def rotate(score: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, calibration,
+           split: str = "balanced"):
     """The module's `Rotation` for `svd` or `activation` (which needs the layer's calibration)."""
     if score == "svd":
-        new_A, new_B, sigma = singular_factors(lora_A, lora_B, svd_split)
+        new_A, new_B, sigma = singular_factors(lora_A, lora_B, split)
         return Rotation(new_A, new_B, abs(scaling) * sigma, sigma.double().square())
     new_A, new_B, energy, weight = output_factors(lora_A, lora_B, calibration.gram)
     per_token = energy.double() / max(calibration.tokens, 1)

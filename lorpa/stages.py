@@ -27,21 +27,22 @@ class Stage:
         return not self.given and (self.max_steps > 0 if self.max_steps >= 0 else self.epochs > 0)
 
 
-def parse_prune_schedule(text: str, max_rank: int) -> list[tuple[float, int]]:
+def parse_prune_schedule(text: str, r0: int) -> list[tuple[float, int]]:
     """'0.1:32,0.15:16,0.2:8' -> [(0.1, 32), (0.15, 16), (0.2, 8)]: fractions rising within (0, 1],
-    ranks falling from at most `max_rank` (the stage-1 rank) to at least 1."""
+    ranks falling from at most `r0` (the stage-1 rank) to at least 1."""
     steps = []
     for item in text.split(","):
         try:
             fraction, rank = item.split(":")
             steps.append((float(fraction), int(rank)))
         except ValueError:
-            raise InputError(f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. 0.1:32,0.15:16,0.2:8)") from None
+            raise InputError(f"--prune_schedule: {item.strip()!r} is not FRACTION:RANK (e.g. "
+                             "0.1:32,0.15:16,0.2:8)") from None
     fractions, ranks = [f for f, _ in steps], [r for _, r in steps]
     if not all(a < b for a, b in zip([0.0] + fractions, fractions)) or fractions[-1] > 1:
         raise InputError(f"--prune_schedule fractions must increase within (0, 1], got {fractions}")
-    if not all(a > b for a, b in zip([max_rank + 1] + ranks, ranks)) or ranks[-1] < 1:
-        raise InputError(f"--prune_schedule ranks must decrease from at most --lora_r={max_rank} to >= 1, got {ranks}")
+    if not all(a > b for a, b in zip([r0 + 1] + ranks, ranks)) or ranks[-1] < 1:
+        raise InputError(f"--prune_schedule ranks must decrease from at most --lora_r={r0} to >= 1, got {ranks}")
     return steps
 
 

@@ -53,6 +53,10 @@ class ToleranceSearch:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def kept_candidate(self) -> Candidate | None:
+        """The candidate kept (None when it is the unpruned adapter, which is not evaluated again)."""
+        return next((c for c in self.candidates if c.total_rank == self.kept), None)
+
 
 def search_budget(evaluate: Callable[[int], Candidate], lowest: int, highest: int, full_rank: int,
                   full_parameters: int, reference: float, tolerance: float) -> ToleranceSearch:
@@ -104,9 +108,11 @@ def run_evaluation(command: list[str], adapter: Path) -> float:
     try:
         score = float(lines[-1].split()[-1])
     except (IndexError, ValueError):
-        raise InputError(f"--evaluate printed no score on its last line for {adapter} (it must end with a number)") from None
+        raise InputError(f"--evaluate printed no score on its last line for {adapter} (it must end with a "
+                         "number)") from None
     if not math.isfinite(score):
-        raise InputError(f"--evaluate printed {lines[-1].split()[-1]} for {adapter}; the score must be a finite number")
+        raise InputError(f"--evaluate printed {lines[-1].split()[-1]} for {adapter}; the score must be a finite "
+                         "number")
     return score
 
 
@@ -126,12 +132,12 @@ def prune_saved_adapter_to_tolerance(adapter_dir: str | os.PathLike, output_dir:
     ranks = {name: m.rank for name, m in adapter.modules.items()}
     scored = score_modules(adapter.module_factors(), options)
 
-    def plan(total_rank: int):
-        budget = options.at_total(total_rank)
+    def plan(components: int):
+        budget = options.at_total(components)
         return build_plan(scored, budget, choose_kept(scored, budget))
 
-    def candidate(total_rank: int) -> Candidate:
-        planned = plan(total_rank)
+    def candidate(components: int) -> Candidate:
+        planned = plan(components)
         folder = staging_folder(output_dir, "candidate")
         try:
             target = folder / "adapter"

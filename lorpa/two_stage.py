@@ -66,7 +66,8 @@ class StageOptions:
         if self.calibration_batches is not None and self.calibration_batches < 1:
             raise InputError(f"calibration_batches must be a positive integer, got {self.calibration_batches}")
         if self.calibration_tokens not in TOKENS:
-            raise InputError(f"unknown calibration_tokens {self.calibration_tokens!r}; choose one of {', '.join(TOKENS)}")
+            raise InputError(f"unknown calibration_tokens {self.calibration_tokens!r}; choose one of "
+                             f"{', '.join(TOKENS)}")
         if not 0 <= self.sensitivity_beta < 1:
             raise InputError(f"sensitivity_beta must be in [0, 1), got {self.sensitivity_beta}")
 
@@ -152,14 +153,15 @@ class StageLoop:
         if fsdp_requested(self.args):
             check_sharded_options(self.options, self.stage_options.calibrates(self.options))
             if self.make_model is None:
-                raise InputError("under FSDP pass make_model (a function that loads the base model): the stage after a "
-                                 "prune starts from a fresh, unsharded model with the pruned adapter")
+                raise InputError("under FSDP pass make_model (a function that loads the base model): the stage "
+                                 "after a prune starts from a fresh, unsharded model with the pruned adapter")
 
     def resumed_reports(self, model: nn.Module, stages: list[Stage], start: int) -> list[PruneReport]:
         """The prunes recorded before stage `start`, re-applied to `model`; a missing or damaged record (report or
         pruned adapter) is one line that says what to resume from."""
         output_dir = self.args.output_dir
-        records = read_records(output_dir, stages, start, lambda i: prune_files(stages, i)[1] if stages[i].prunes else None)
+        records = read_records(output_dir, stages, start,
+                               lambda i: prune_files(stages, i)[1] if stages[i].prunes else None)
         for index in (i for i in range(start) if stages[i].prunes):
             try:
                 AdapterFolder(Path(output_dir, prune_files(stages, index)[0]))
@@ -186,7 +188,8 @@ class StageLoop:
         else:
             tokens = None
             if self.stage_options.calibrates(options):
-                batches = trainer_batches(trainer, self.stage_options.calibration_batches, calibration_tokens_wanted(model))
+                wanted = calibration_tokens_wanted(model)
+                batches = trainer_batches(trainer, self.stage_options.calibration_batches, wanted)
                 tokens = calibrate(model, batches, tokens=self.stage_options.calibration_tokens)
             if options.tolerance is None:
                 step = PruneStep(prune(model, options), tokens)
@@ -229,9 +232,9 @@ class StageLoop:
 
 
 def train_two_stage(model: nn.Module, make_trainer: Callable[[nn.Module, TrainingArguments], Trainer],
-                    args: TrainingArguments, options: PruneOptions | None = None, *, stages: StageOptions | None = None,
-                    evaluate: Callable[[nn.Module], float] | None = None, make_model: Callable[[], nn.Module] | None = None,
-                    **keywords) -> TwoStageResult:
+                    args: TrainingArguments, options: PruneOptions | None = None, *,
+                    stages: StageOptions | None = None, evaluate: Callable[[nn.Module], float] | None = None,
+                    make_model: Callable[[], nn.Module] | None = None, **keywords) -> TwoStageResult:
     """Train `model` (a peft LoRA model at rank r0) in stages with LoRPA pruning between them.
 
     make_trainer(model, stage_args) -> Trainer: called once per stage with that stage's arguments (a copy of
@@ -250,7 +253,8 @@ def train_two_stage(model: nn.Module, make_trainer: Callable[[nn.Module, Trainin
     Each pruned adapter and its report are saved in `args.output_dir` (as the run scripts name them).
     """
     stage_fields = {f.name for f in dataclasses.fields(StageOptions)}
-    unknown = set(keywords) - stage_fields - {f.name for f in dataclasses.fields(PruneOptions)} - {"resume_from_checkpoint"}
+    prune_fields = {f.name for f in dataclasses.fields(PruneOptions)}
+    unknown = set(keywords) - stage_fields - prune_fields - {"resume_from_checkpoint"}
     if unknown:
         raise TypeError(f"train_two_stage() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     if "resume_from_checkpoint" in keywords:
@@ -260,8 +264,8 @@ def train_two_stage(model: nn.Module, make_trainer: Callable[[nn.Module, Trainin
     prune_keywords = {"seed": args.seed, **keywords} if options is None or options.seed is None else keywords
     options = resolve(options, prune_keywords, stages.retrains)
     if stages.prune_schedule is not None:
-        if options.target_rank is not None or options.ratio is not None:
-            raise InputError("prune_schedule sets the ranks; drop target_rank / ratio")
+        if options.budgets():
+            raise InputError(f"prune_schedule sets the ranks; drop {' / '.join(options.budgets())}")
     elif options.tolerance is None:
         options = options.with_default_budget(PAPER_TARGET_RANK)
     adapter_name = resolve_adapter(unwrap(model), None)

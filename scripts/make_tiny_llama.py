@@ -47,7 +47,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--tokenizer_data", type=Path, default=None,
-                        help="JSON Lines with question and answer to train the tokenizer on (default: the generated data)")
+                        help="JSON Lines with question and answer to train the tokenizer on "
+                             "(default: the generated data)")
     parser.add_argument("--vocab_size", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

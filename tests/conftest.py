@@ -34,7 +34,8 @@ def tiny_bart(seed=0):
 def with_lora(base, r=16, task_type="SEQ_CLS", seed=1, **kwargs):
     """A LoRA model with random A *and* B, so every rank component changes the output."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, init_lora_weights=False, task_type=task_type, **kwargs)
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, init_lora_weights=False, task_type=task_type,
+                        **kwargs)
     return get_peft_model(base, config).eval()
 
 

@@ -17,7 +17,8 @@ from test_activation import anisotropic_batches, lora_model
 
 def main(out: Path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # every collective fails well within the test's limit
+    # every collective fails well within the test's limit
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     model = lora_model()
     tokens = lorpa.calibrate(model, anisotropic_batches()[rank::2])

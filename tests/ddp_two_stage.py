@@ -47,9 +47,10 @@ def main(out: Path, model_dir: Path, mode: str):
     ids = [tokenizer(row["question"] + " " + row["answer"])["input_ids"][:32] for row in arithmetic_rows(32, 0)]
     ids = [row + [pad_id(tokenizer)] * (32 - len(row)) for row in ids]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    # every collective fails well within the test's limit
     args = TrainingArguments(str(out / "run"), use_cpu=True, max_steps=4, per_device_train_batch_size=4,
                              per_device_eval_batch_size=2, learning_rate=1e-2, report_to="none", save_strategy="no",
-                             disable_tqdm=True, seed=0, ddp_timeout=60)  # every collective fails well within the test's limit
+                             disable_tqdm=True, seed=0, ddp_timeout=60)
     if os.environ.get("LORPA_TEST_HANG_RANK") == str(rank):
         print(f"replica {rank} waits forever", flush=True)
         time.sleep(3600)

@@ -65,15 +65,18 @@ def prepared(model):
 
 
 def digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(
+        tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ).hexdigest()[:16]
 
 
 def describe_report(report) -> dict:
     fields = {key: value for key, value in report.to_dict().items() if key != "modules"}
     modules = {}
     for name, m in report.modules.items():
-        modules[name] = {"old_rank": m.old_rank, "new_rank": m.new_rank, "old_alpha": m.old_alpha, "new_alpha": m.new_alpha,
-                         "kept": ",".join(map(str, m.kept)), "scores": hashlib.sha256(json.dumps(m.scores).encode()).hexdigest()[:16],
+        modules[name] = {"old_rank": m.old_rank, "new_rank": m.new_rank, "old_alpha": m.old_alpha,
+                         "new_alpha": m.new_alpha, "kept": ",".join(map(str, m.kept)),
+                         "scores": hashlib.sha256(json.dumps(m.scores).encode()).hexdigest()[:16],
                          "relative_error": m.relative_error, "output_error": m.output_error}
     return {**fields, "modules": modules}
 
@@ -136,7 +139,8 @@ def golden() -> dict:
             report = lorpa.prune(pruned, **options)
             tensors = {name: (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
                        for name, layer in lora_layers(pruned).items()}
-            entry = {"memory": {"report": describe_report(report), "config": describe_config(pruned.peft_config["default"]),
+            entry = {"memory": {"report": describe_report(report),
+                                "config": describe_config(pruned.peft_config["default"]),
                                 "tensors": {n: [digest(a), digest(b)] for n, (a, b) in tensors.items()}}}
             if files:
                 output = Path(root, "out")
@@ -145,9 +149,11 @@ def golden() -> dict:
                 config = json.loads((output / "adapter_config.json").read_text())
                 entry["files"] = {"report": describe_report(report), "config": describe_config(config),
                                   "tensors": {k: digest(v) for k, v in sorted(saved.items())},
-                                  "report_file": json.loads((output / "prune_report.json").read_text()) == report.to_dict()}
+                                  "report_file": (json.loads((output / "prune_report.json").read_text())
+                                                  == report.to_dict())}
             results[name] = entry
-    text = json.dumps(results).replace("base_model.model.roberta.encoder.layer.", "").replace("roberta.encoder.layer.", "")
+    text = (json.dumps(results).replace("base_model.model.roberta.encoder.layer.", "")
+            .replace("roberta.encoder.layer.", ""))
     return json.loads(text)  # as the file holds it: tuples as lists, float keys as strings, short module names
 
 
@@ -158,7 +164,8 @@ if __name__ == "__main__":
     values = golden()
     if args.write:
         GOLDEN_FILE.parent.mkdir(exist_ok=True)
-        lines = [f"{json.dumps(name)}: {json.dumps(entry, sort_keys=True, separators=(',', ':'))}" for name, entry in sorted(values.items())]
+        lines = [f"{json.dumps(name)}: {json.dumps(entry, sort_keys=True, separators=(',', ':'))}"
+                 for name, entry in sorted(values.items())]
         GOLDEN_FILE.write_text("{\n" + ",\n".join(lines) + "\n}\n")  # one case a line
         print(f"wrote {len(values)} cases to {GOLDEN_FILE}")
     else:

@@ -34,7 +34,8 @@ def descendants(pid: int) -> list[int]:
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL the process, its process group and everything below it (found before any dies and is reparented)."""
     below = descendants(process.pid)
-    for kill in (lambda: os.killpg(process.pid, signal.SIGKILL), *(lambda p=p: os.kill(p, signal.SIGKILL) for p in below)):
+    for kill in (lambda: os.killpg(process.pid, signal.SIGKILL),
+                 *(lambda p=p: os.kill(p, signal.SIGKILL) for p in below)):
         try:
             kill()
         except ProcessLookupError:

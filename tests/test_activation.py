@@ -34,7 +34,8 @@ class TwoLayers(nn.Module):
 
 def lora_model(seed=0, **kwargs):
     torch.manual_seed(seed)
-    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["first", "second"], init_lora_weights=False, **kwargs)
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["first", "second"], init_lora_weights=False,
+                        **kwargs)
     return get_peft_model(TwoLayers(), config).eval()
 
 
@@ -112,7 +113,8 @@ def test_the_activation_cut_never_leaves_more_output_error_than_the_singular_cut
 def test_on_whitened_inputs_the_activation_cut_is_the_singular_cut():
     """X·Xᵀ = I makes G = A·Aᵀ, and the best rank-k ΔW·X is then the best rank-k ΔW."""
     n = 40
-    q, _ = torch.linalg.qr(torch.randn(n, IN, generator=torch.Generator().manual_seed(3)))  # n × in, orthonormal columns
+    # n × in, orthonormal columns
+    q, _ = torch.linalg.qr(torch.randn(n, IN, generator=torch.Generator().manual_seed(3)))
     batches = [{"x": q.t().t().reshape(1, n, IN).clone(), "attention_mask": torch.ones(1, n, dtype=torch.long)}]
     assert torch.allclose(real_inputs(batches) @ real_inputs(batches).t(), torch.eye(IN), atol=1e-5)
     by_weight, by_output = lora_model(), lora_model()
@@ -216,7 +218,8 @@ def test_grams_summed_under_two_process_ddp_give_both_processes_the_same_factors
     done = processes.run(command, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     factors = [torch.load(tmp_path / f"process{rank}.pt") for rank in (0, 1)]
-    assert factors[0].keys() == factors[1].keys() and all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
+    assert factors[0].keys() == factors[1].keys() and all(torch.equal(factors[0][k], factors[1][k])
+                                                          for k in factors[0])
     model = lora_model()
     lorpa.calibrate(model, anisotropic_batches())
     lorpa.prune(model, target_rank=2, score="activation", scope="global")

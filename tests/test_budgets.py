@@ -30,8 +30,8 @@ from conftest import tiny_bart, with_lora
 
 def tiny_llama(seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=32)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     return LlamaForCausalLM(config).eval()
 
 
@@ -79,13 +79,15 @@ def test_a_global_energy_threshold_is_one_cut_over_all_modules_and_max_rank_caps
     cap = max(report.ranks.values()) - 2
     capped = lorpa.prune(decaying_lora(), energy=0.9, score="svd", scope="global", max_rank=cap)
     assert max(capped.ranks.values()) <= cap
-    assert sum(capped.ranks.values()) > sum(report.ranks.values())  # the energy the cap withheld came from other modules
+    # the energy the cap withheld came from other modules
+    assert sum(capped.ranks.values()) > sum(report.ranks.values())
     held = sum(float(sigma[n][: capped.ranks[n]].square().sum()) for n in sigma)
     assert held >= 0.9 * float(energies.sum()) - 1e-9
 
 
 def test_a_global_budget_honours_max_rank_and_rank_multiple():
-    report = lorpa.prune(llama_lora(r=16), target_rank=6, score="svd", scope="global", max_rank=8, rank_multiple=2, min_rank=2)
+    report = lorpa.prune(llama_lora(r=16), target_rank=6, score="svd", scope="global", max_rank=8, rank_multiple=2,
+                         min_rank=2)
     ranks = report.ranks.values()
     assert sum(ranks) <= 6 * len(report.ranks) and sum(ranks) >= 6 * len(report.ranks) - 2
     assert max(ranks) <= 8 and min(ranks) >= 2 and all(r % 2 == 0 for r in ranks)
@@ -100,9 +102,11 @@ def test_a_global_budget_honours_max_rank_and_rank_multiple():
 def test_blocks_of_a_global_budget_match_the_plain_ranking_for_a_multiple_of_one():
     scores = {"a": torch.tensor([5.0, 1.0, 3.0]), "b": torch.tensor([4.0, 4.0, 0.5]), "c": torch.tensor([2.0])}
     kept = choose(scores, PruneOptions(total_rank=4, scope="global"))
-    assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0], "b": [0, 1], "c": [0]}  # min_rank 1 each, then b's 4
+    # min_rank 1 each, then b's 4
+    assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0], "b": [0, 1], "c": [0]}
     kept = choose(scores, PruneOptions(total_rank=5, max_rank=1, scope="global"))
-    assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0], "b": [0], "c": [0]}  # the cap leaves the budget unspent
+    # the cap leaves the budget unspent
+    assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0], "b": [0], "c": [0]}
     kept = choose(scores, PruneOptions(total_rank=5, rank_multiple=2, scope="global"))
     assert {n: sorted(i.tolist()) for n, i in kept.items()} == {"a": [0, 2], "b": [0, 1], "c": [0]}
 
@@ -129,7 +133,8 @@ def test_prune_to_tolerance_on_a_model_keeps_the_smallest_candidate_within_it():
 
     def agreement(m):  # a score in points: 100 − relative output error × 100
         with torch.no_grad():
-            return 100 - 100 * float(torch.linalg.norm(m(inputs).logits - reference_logits) / torch.linalg.norm(reference_logits))
+            return 100 - 100 * float(torch.linalg.norm(m(inputs).logits - reference_logits)
+                                     / torch.linalg.norm(reference_logits))
 
     report, search = lorpa.prune_to_tolerance(model, agreement, 2.0, score="svd")
     assert sum(report.ranks.values()) == search.kept < search.full_rank
@@ -150,14 +155,16 @@ def test_inspect_matches_an_in_memory_svd(tmp_path, capsys):
     result = inspect_adapter(folder)
     for name, sigma in spectra(model).items():
         row = result["modules"][name]
-        assert torch.allclose(torch.tensor(row["singular_values"], dtype=torch.float64), sigma[:12], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(torch.tensor(row["singular_values"], dtype=torch.float64), sigma[:12], rtol=1e-4,
+                              atol=1e-6)
         energy = sigma[:12].square()
         assert row["energy_kept"]["4"] == pytest.approx(float(energy[:4].sum() / energy.sum()), rel=1e-5)
     for energy in ("0.9", "0.99"):
         pruned = lorpa.prune(llama_lora(use_rslora=True), energy=float(energy), score="svd", scope="global")
         assert result["totals"]["global_energy"][energy]["total_rank"] == sum(pruned.ranks.values())
     eight = result["totals"]["module_rank"]["8"]
-    assert eight["parameters"] == sum(8 * (l.in_features + l.out_features) for l in lora_layers(model).values())
+    assert eight["parameters"] == sum(8 * (layer.in_features + layer.out_features)
+                                      for layer in lora_layers(model).values())
     assert run_cli(inspect_main, [str(folder), "--json", "--plot", str(tmp_path / "spectra.png")]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))  # stdout is the JSON alone
     assert (tmp_path / "spectra.png").read_bytes()[:4] == b"\x89PNG"
@@ -207,7 +214,8 @@ def test_a_folded_adapter_is_served_alike_by_peft_and_by_an_engine_that_ignores_
     assert any("by an engine that ignores alpha_pattern" in " ".join(c.problems) for c in checks)
     assert run_cli(check_main, [str(mis_scaled)]) == 1
     peft_logits = PeftModel.from_pretrained(tiny_llama(), mis_scaled).eval()(inputs).logits
-    assert not torch.allclose(engine_outputs(mis_scaled, inputs), peft_logits, atol=1e-4)  # the check is right to flag it
+    # the check is right to flag it
+    assert not torch.allclose(engine_outputs(mis_scaled, inputs), peft_logits, atol=1e-4)
 
 
 def test_folding_a_saved_adapter_gives_the_tensors_folding_in_memory_gives(tmp_path):
@@ -216,7 +224,8 @@ def test_folding_a_saved_adapter_gives_the_tensors_folding_in_memory_gives(tmp_p
     model = llama_lora()
     lorpa.prune(model, energy=0.9, score="svd", scope="global", max_rank=6, alpha="fold")
     save(model, tmp_path / "memory")
-    files, memory = load_file(tmp_path / "out/adapter_model.safetensors"), load_file(tmp_path / "memory/adapter_model.safetensors")
+    files, memory = (load_file(tmp_path / "out/adapter_model.safetensors"),
+                     load_file(tmp_path / "memory/adapter_model.safetensors"))
     assert files.keys() == memory.keys() and all(torch.allclose(files[k], memory[k], atol=1e-6) for k in files)
     written = json.loads((tmp_path / "out/adapter_config.json").read_text())
     assert written["rank_pattern"] == json.loads((tmp_path / "memory/adapter_config.json").read_text())["rank_pattern"]
@@ -234,7 +243,9 @@ def test_the_tolerance_search_of_a_saved_adapter_runs_the_evaluation_command_on_
     assert run_cli(prune_main, argv) == 0
     search = json.loads((tmp_path / "out/tolerance_search.json").read_text())
     assert search["reference"] == 60 + 8 * 14 / 4 and search["kept"] == 8 * 14 - 2
-    assert sum(json.loads((tmp_path / "out/adapter_config.json").read_text())["rank_pattern"].values()) == search["kept"]
+    assert sum(
+        json.loads((tmp_path / "out/adapter_config.json").read_text())["rank_pattern"].values()
+    ) == search["kept"]
     assert "kept total rank 110 of 112" in capsys.readouterr().out
     assert not list(tmp_path.glob(".out.candidate-*"))  # every candidate folder was removed
 

@@ -21,7 +21,8 @@ def test_the_cuda_check_runs_every_part_on_tiny_shapes(tmp_path):
     assert all(figures["step_s"] > 0 for figures in steps.values()) and steps["peft LoRA r=4"]["ratio_to_lora"] == 1
     prune = results["prune time"]
     assert prune["svd: largest relative difference from peft"] < 1e-3  # the same update as peft's SVD conversion
-    assert {"authors' prune() (square modules)", "lorpa.prune magnitude (all modules)", "lorpa.prune svd (all modules)"} <= set(prune)
+    assert {"authors' prune() (square modules)", "lorpa.prune magnitude (all modules)",
+            "lorpa.prune svd (all modules)"} <= set(prune)
     qlora = results["qlora"]
     assert "skipped" in qlora or (qlora["layer type"] == "peft.tuners.lora.bnb"
                                   and qlora["largest output difference after reload"] == 0)

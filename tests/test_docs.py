@@ -49,7 +49,8 @@ def source_flags(script: Path) -> frozenset[str]:
     flags = {"-h", "--help"}
     for node in ast.walk(ast.parse(script.read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            flags |= {arg.value for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("-")}
+            flags |= {arg.value for arg in node.args
+                      if isinstance(arg, ast.Constant) and str(arg.value).startswith("-")}
     return frozenset(flags)
 
 

@@ -69,7 +69,8 @@ def fake_runs(monkeypatch):
     def command_for(config, flags, nproc, accelerate_config=None):
         calls["runs"].append((Path(config), flags))
         output_dir = flags[flags.index("--output_dir") + 1]
-        return [sys.executable, "-c", f"import pathlib; pathlib.Path({output_dir!r}, 'results.json').write_text('{{}}')"]
+        return [sys.executable, "-c",
+                f"import pathlib; pathlib.Path({output_dir!r}, 'results.json').write_text('{{}}')"]
 
     monkeypatch.setattr(commands, "command_for", command_for)
     monkeypatch.setattr(launch, "report", lambda runs_dir: calls["reports"].append(runs_dir))
@@ -144,7 +145,8 @@ def test_malformed_yaml_gives_one_line_with_line_and_column(tmp_path, capsys):
 def test_flags_without_a_config_are_refused_naming_the_flag(flags, capsys, monkeypatch):
     monkeypatch.setattr(launch, "demo", lambda *args: pytest.fail("the demo ran"))
     error = one_line_error(flags, capsys)
-    assert error.startswith(f"error: the demo (train.sh without a config or --table) takes no run flags, got {flags[0]}")
+    assert error.startswith("error: the demo (train.sh without a config or --table) takes no run flags, "
+                            f"got {flags[0]}")
     assert "config file not found" not in error
 
 
@@ -229,7 +231,8 @@ def test_a_smoke_config_run_before_its_data_exists_makes_the_data_first(tmp_path
     launch.main([str(config), "--model_name_or_path", "m"])
     makers = [c for c in commands if "lorpa.tasks.demo_data" in c]
     assert len(makers) == 1 and len(commands) == 3  # made once, then two training runs
-    assert (tmp_path / "runs/smoke-data/train.jsonl").is_file() and (tmp_path / "runs/smoke-data/validation.jsonl").is_file()
+    assert ((tmp_path / "runs/smoke-data/train.jsonl").is_file()
+            and (tmp_path / "runs/smoke-data/validation.jsonl").is_file())
     assert "making them first" in capsys.readouterr().out
 
 
@@ -237,7 +240,8 @@ def test_every_generated_input_is_made_by_its_command(tmp_path, monkeypatch):
     """Each smoke config reads from the folder its maker writes, and the maker writes the path that says it ran."""
     for config, (command, marker) in launch.GENERATED_INPUTS.items():
         values = commands.read_config(ROOT / config)
-        read = {Path(values[key]).parts[:2] for key in ("train_file", "data_dir", "model_name_or_path") if key in values}
+        read = {Path(values[key]).parts[:2] for key in ("train_file", "data_dir", "model_name_or_path")
+                if key in values}
         assert read == {Path(command[-1]).parts} == {Path(marker).parts[:2]}, config
     command, marker = launch.GENERATED_INPUTS["configs/clm/smoke.yaml"]
     done = processes.run([sys.executable, ROOT / command[0], tmp_path / "tiny-llama"], timeout=300)

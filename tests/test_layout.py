@@ -1,6 +1,7 @@
 """The package stands in one direction: the method below the harness, and no module importing one that imports it."""
 
 import ast
+import tokenize
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lorpa"
@@ -85,3 +86,42 @@ def test_the_method_imports_no_harness_and_no_task():
     assert "lorpa.pruning" in method
     assert not {n: sorted(t for t in edges[n] if t.startswith(("lorpa.harness", "lorpa.tasks"))) for n in method
                 if any(t.startswith(("lorpa.harness", "lorpa.tasks")) for t in edges[n])}
+
+
+def method_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.glob("*.py")}
+
+
+def test_no_public_function_of_the_method_takes_more_than_eight_parameters():
+    """Options travel as one object (PruneOptions, StageOptions), not as long keyword lists."""
+    found = {}
+    for name, path in method_modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                args = node.args
+                named = [*args.posonlyargs, *args.args, *args.kwonlyargs]
+                count = len([a for a in named if a.arg not in ("self", "cls")]) + bool(args.vararg) + bool(args.kwarg)
+                if count > 8:
+                    found[f"{name}.{node.name}"] = count
+    assert not found
+
+
+def identifiers(path: Path) -> set[str]:
+    """The names a file's code uses (not its strings, docstrings or comments)."""
+    with tokenize.open(path) as stream:
+        return {token.string for token in tokenize.generate_tokens(stream.readline) if token.type == tokenize.NAME}
+
+
+def test_each_prune_option_is_spelled_in_at_most_three_files():
+    """Its field, its flag and its use: a new option touches no more. Options named by a common word (score,
+    alpha, seed) cannot be told apart from other uses of the word and are left out."""
+    from dataclasses import fields
+
+    from lorpa.options import PruneOptions
+
+    distinctive = [f.name for f in fields(PruneOptions) if "_" in f.name]
+    assert {"target_rank", "svd_split", "global_norm", "rank_multiple"} <= set(distinctive)
+    names = {p: identifiers(p) for p in PACKAGE.rglob("*.py")}
+    spread = {option: sorted(str(p.relative_to(PACKAGE)) for p, found in names.items() if option in found)
+              for option in distinctive}
+    assert {option: where for option, where in spread.items() if len(where) > 3} == {}

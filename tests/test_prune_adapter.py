@@ -38,7 +38,8 @@ def save_adapter(path, arch="llama", r=16, dtype=None, safe_serialization=True, 
     build, task_type = MODELS[arch]
     torch.manual_seed(1)
     config = {"target_modules": "all-linear", **config}
-    model = get_peft_model(build(), LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, task_type=task_type, **config))
+    model = get_peft_model(build(), LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, task_type=task_type,
+                                               **config))
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(path, safe_serialization=safe_serialization)
@@ -77,12 +78,14 @@ def assert_matches_in_memory(arch, adapter, output, argv, prune_kwargs):
 
 @pytest.mark.parametrize("arch", MODELS)
 @pytest.mark.parametrize("scope", ["module", "global"])
-@pytest.mark.parametrize("argv, kwargs", [(["--target_rank", "5"], {"target_rank": 5}), (["--ratio", "0.75"], {"ratio": 0.75})])
+@pytest.mark.parametrize("argv, kwargs", [(["--target_rank", "5"], {"target_rank": 5}),
+                                          (["--ratio", "0.75"], {"ratio": 0.75})])
 @pytest.mark.parametrize("score", [None, "magnitude"])
 def test_pruning_saved_adapter_equals_pruning_loaded_model(tmp_path, arch, scope, argv, kwargs, score):
     adapter = save_adapter(tmp_path / "adapter", arch)
     argv, kwargs = (argv, kwargs) if score is None else ([*argv, "--score", score], dict(kwargs, score=score))
-    report = assert_matches_in_memory(arch, adapter, tmp_path / "out", [*argv, "--scope", scope], dict(kwargs, scope=scope))
+    report = assert_matches_in_memory(arch, adapter, tmp_path / "out", [*argv, "--scope", scope],
+                                      dict(kwargs, scope=scope))
     assert len(report.modules) == (14 if arch == "llama" else 12)
     assert (len(set(report.ranks.values())) > 1) == (scope == "global")
 
@@ -90,10 +93,12 @@ def test_pruning_saved_adapter_equals_pruning_loaded_model(tmp_path, arch, scope
 @pytest.mark.parametrize(
     "arch, config, argv, kwargs",
     [
-        ("llama", {}, ["--ratio", "0.5", "--score", "random", "--seed", "3"], {"ratio": 0.5, "score": "random", "seed": 3}),
+        ("llama", {}, ["--ratio", "0.5", "--score", "random", "--seed", "3"],
+         {"ratio": 0.5, "score": "random", "seed": 3}),
         ("llama", {}, ["--target_rank", "3", "--alpha", "8"], {"target_rank": 3, "alpha": 8}),
         ("llama", {"use_rslora": True, "rank_pattern": {"q_proj": 12}, "alpha_pattern": {"v_proj": 5}},
-         ["--target_rank", "4", "--scope", "global", "--min_rank", "2"], {"target_rank": 4, "scope": "global", "min_rank": 2}),
+         ["--target_rank", "4", "--scope", "global", "--min_rank", "2"],
+         {"target_rank": 4, "scope": "global", "min_rank": 2}),
         ("llama", {"lora_bias": True}, ["--target_rank", "6"], {"target_rank": 6}),
         ("roberta", {"target_modules": ["query", "value"]}, ["--target_rank", "4", "--score", "elementwise"],
          {"target_rank": 4, "score": "elementwise"}),
@@ -207,24 +212,32 @@ def truncate(file):
 
 BAD_INPUTS = {
     "dora": (lambda p: save_adapter(p, use_dora=True), [], "DoRA adapters cannot be rank-pruned"),
-    "dora-keys": (lambda p: break_config(save_adapter(p, use_dora=True), use_dora=False) or p, [], "lora_magnitude_vector"),
-    "adalora": (lambda p: save_other(p, AdaLoraConfig(total_step=10, target_modules=["q_proj"])), [], "this one is ADALORA"),
-    "ia3": (lambda p: save_other(p, IA3Config(target_modules=["q_proj"], feedforward_modules=[])), [], "this one is IA3"),
-    "embedding": (lambda p: save_adapter(p, target_modules=["embed_tokens", "q_proj"]), [], "found an embedding adapter"),
-    "conv": (lambda p: save_other(p, LoraConfig(r=4, target_modules=["conv"]), ConvNet), [], "lora_A of shape [4, 3, 3, 3]"),
+    "dora-keys": (lambda p: break_config(save_adapter(p, use_dora=True), use_dora=False) or p, [],
+                  "lora_magnitude_vector"),
+    "adalora": (lambda p: save_other(p, AdaLoraConfig(total_step=10, target_modules=["q_proj"])), [],
+                "this one is ADALORA"),
+    "ia3": (lambda p: save_other(p, IA3Config(target_modules=["q_proj"], feedforward_modules=[])), [],
+            "this one is IA3"),
+    "embedding": (lambda p: save_adapter(p, target_modules=["embed_tokens", "q_proj"]), [],
+                  "found an embedding adapter"),
+    "conv": (lambda p: save_other(p, LoraConfig(r=4, target_modules=["conv"]), ConvNet), [],
+             "lora_A of shape [4, 3, 3, 3]"),
     "two-adapters": (two_adapters, [], "holds several adapters ((top level), other)"),
     "no-config": (edited("adapter_config.json", Path.unlink), [], "adapter_config.json not found"),
     "bad-json": (edited("adapter_config.json", lambda f: f.write_text("{r: 16")), [], "is not valid JSON"),
     "no-weights": (edited("adapter_model.safetensors", Path.unlink), [], "no adapter_model.safetensors"),
     "truncated": (edited("adapter_model.safetensors", truncate), [], "cannot read"),
     "garbage": (edited("adapter_model.safetensors", lambda f: f.write_bytes(b"not safetensors")), [], "cannot read"),
-    "rank-mismatch": (lambda p: break_config(save_adapter(p), r=8) or p, [], "the tensors have rank 16 but adapter_config.json gives 8"),
+    "rank-mismatch": (lambda p: break_config(save_adapter(p), r=8) or p, [],
+                      "the tensors have rank 16 but adapter_config.json gives 8"),
     "target-too-large": (save_adapter, ["--target_rank", "17"], "target_rank 17 exceeds the rank of"),
     "ratio": (save_adapter, ["--ratio", "1.0"], "ratio must be in [0, 1)"),
     "both-amounts": (save_adapter, ["--ratio", "0.5", "--target_rank", "3"], "not allowed with argument"),
     "score": (save_adapter, ["--score", "sensitivity"], "unknown score 'sensitivity' for a saved adapter"),
-    "activation": (save_adapter, ["--score", "activation"], "the activation score needs the model's inputs (lorpa.calibrate) for a saved adapter"),
-    "global norm": (save_adapter, ["--score", "svd", "--scope", "global", "--global_norm", "per_token"], "unknown global_norm 'per_token'"),
+    "activation": (save_adapter, ["--score", "activation"],
+                   "the activation score needs the model's inputs (lorpa.calibrate) for a saved adapter"),
+    "global norm": (save_adapter, ["--score", "svd", "--scope", "global", "--global_norm", "per_token"],
+                    "unknown global_norm 'per_token'"),
     "elementwise-non-square": (save_adapter, ["--score", "elementwise"], "needs in_features == out_features"),
     "alpha": (save_adapter, ["--alpha", "big"], "--alpha must be keep_scaling, fold or a positive number"),
 }

@@ -32,7 +32,8 @@ def test_keep_scaling_removes_exactly_the_pruned_components(roberta_pair):
     layers = lora_layers(model)
     scaling = {n: layer.scaling["default"] for n, layer in layers.items()}
     components = {
-        n: [torch.outer(factors(layer, "default")[1][:, i], factors(layer, "default")[0][i]).detach() for i in range(16)]
+        n: [torch.outer(factors(layer, "default")[1][:, i], factors(layer, "default")[0][i]).detach()
+            for i in range(16)]
         for n, layer in layers.items()
     }
     delta_before = {n: layer.get_delta_weight("default").detach() for n, layer in layers.items()}
@@ -77,7 +78,8 @@ def test_global_scope_spends_the_same_budget_on_the_best_components():
     assert sum(report.ranks.values()) == 3 * len(layers)
     assert report.ranks[weak] == 2  # held up only by min_rank
     assert all(rank >= 2 for rank in report.ranks.values())
-    reserved = {(n, i) for n, s in scores.items() for i in torch.sort(s, descending=True, stable=True).indices[:2].tolist()}
+    reserved = {(n, i) for n, s in scores.items()
+                for i in torch.sort(s, descending=True, stable=True).indices[:2].tolist()}
     kept = {(n, i) for n, m in report.modules.items() for i in m.kept}
     free_kept = [scores[n][i] for n, i in kept - reserved]
     pruned = [scores[n][i] for n, s in scores.items() for i in range(8) if (n, i) not in kept]

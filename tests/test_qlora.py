@@ -16,7 +16,8 @@ from test_run_clm import argv_for, data_files, read_results  # noqa: F401  (a fi
 from conftest import assert_one_line_failure
 from tiny_assets import write_tiny_decoder
 
-bitsandbytes = pytest.importorskip("bitsandbytes", reason="the qlora extra (pip install 'lorpa[qlora]') is not installed")
+bitsandbytes = pytest.importorskip("bitsandbytes",
+                                   reason="the qlora extra (pip install 'lorpa[qlora]') is not installed")
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
@@ -33,7 +34,8 @@ QUANTISATIONS = {
 
 
 def quantised(folder, kind):
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=QUANTISATIONS[kind](), device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=QUANTISATIONS[kind](),
+                                                 device_map={"": "cpu"})
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -41,7 +43,8 @@ def quantised(folder, kind):
 def test_a_quantised_base_is_pruned_in_memory_and_reloads_with_plain_peft(llama_dir, tmp_path, kind):
     torch.manual_seed(0)
     model = lorpa.get_peft_model(quantised(llama_dir, kind), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
-                                                                      target_modules="all-linear", init_lora_weights=False))
+                                                                      target_modules="all-linear",
+                                                                      init_lora_weights=False))
     layer = next(iter(lora_layers(model).values()))
     assert type(layer).__module__ == "peft.tuners.lora.bnb"  # LoRA on bitsandbytes layers
     inputs = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -63,8 +66,8 @@ def test_train_two_stage_runs_both_stages_on_a_4bit_base(llama_dir, tmp_path):
                                                                          target_modules="all-linear"))
     ids = torch.randint(3, 100, (8, 12), generator=torch.Generator().manual_seed(3)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, report_to="none",
-                             save_strategy="no", disable_tqdm=True, use_cpu=True)
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
     result = lorpa.train_two_stage(model, lambda m, a: Trainer(model=m, args=a, train_dataset=data), args,
                                    stage1_ratio=0.5, target_rank=2, score="svd")
     assert result.trainer.state.global_step == 2 and set(result.prune_report.ranks.values()) == {2}
@@ -87,11 +90,13 @@ def test_run_clm_trains_both_stages_on_a_4bit_base_resumes_mid_stage_2_and_merge
     assert results["config"]["load_in_4bit"] and set(results["ranks"].values()) == {2}
     assert "merged into a copy of the base loaded unquantised" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(complete / "merged")
-    assert not any("4bit" in type(m).__name__ for m in merged.modules())  # plain weights, loadable without bitsandbytes
+    # plain weights, loadable without bitsandbytes
+    assert not any("4bit" in type(m).__name__ for m in merged.modules())
 
     checkpoints = sorted((complete / "stage2").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     resumed = tmp_path / "resumed"
-    run_clm.main(argv_for(llama_dir, resumed, data_files, *flags))  # the same run, interrupted after stage 2's first step
+    # the same run, interrupted after stage 2's first step
+    run_clm.main(argv_for(llama_dir, resumed, data_files, *flags))
     for later in sorted((resumed / "stage2").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[1:]:
         for file in later.iterdir():
             file.unlink()
@@ -100,7 +105,8 @@ def test_run_clm_trains_both_stages_on_a_4bit_base_resumes_mid_stage_2_and_merge
     run_clm.main(argv_for(llama_dir, resumed, data_files, *flags, "--resume_from_checkpoint",
                           str(resumed / "stage2" / checkpoints[0].name)))
     again = read_results(resumed)
-    assert again["ranks"] == results["ranks"] and again["metrics"]["loss"] == pytest.approx(results["metrics"]["loss"], rel=1e-4)
+    assert (again["ranks"] == results["ranks"]
+            and again["metrics"]["loss"] == pytest.approx(results["metrics"]["loss"], rel=1e-4))
 
     base = quantised(llama_dir, "4bit")
     reloaded = PeftModel.from_pretrained(base, complete).eval()

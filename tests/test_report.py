@@ -204,15 +204,19 @@ def test_adapter_sizes_stay_in_thousands_below_a_million():
       "prune": {"score": "activation", "scope": "global", "rewind": "none", "global_norm": "relative"},
       "config": {"stage1_ratio": 1.0, "stage2_steps": 15, "calibration_batches": 8}},
      "LoRPA 64→2 (global, activation, relative norm, prune at 100%, 15 retraining steps)"),
-    ({"method": "lorpa", "stage1_ranks": {"a": 32}, "ranks": {"a": 2}, "prune": {"score": "activation", "scope": "module", "rewind": "none"},
+    ({"method": "lorpa", "stage1_ranks": {"a": 32}, "ranks": {"a": 2},
+      "prune": {"score": "activation", "scope": "module", "rewind": "none"},
       "config": {"stage1_ratio": 1.0, "calibration_batches": 64, "calibration_tokens": "loss"}},
      "LoRPA 32→2 (activation, loss tokens, prune at 100%)"),
-    ({"method": "lorpa", "stage1_ranks": {"a": 32}, "ranks": {"a": 2}, "prune": {"score": "activation", "scope": "module", "rewind": "none"},
+    ({"method": "lorpa", "stage1_ranks": {"a": 32}, "ranks": {"a": 2},
+      "prune": {"score": "activation", "scope": "module", "rewind": "none"},
       "config": {"stage1_ratio": 1.0, "calibration_batches": 64, "calibration_tokens": "real"}},
      "LoRPA 32→2 (activation, prune at 100%)"),
     ({"method": "lora", "ranks": {"a": 64}, "config": {"training": {"max_steps": 175}}}, "LoRA r=64 (175 steps)"),
-    ({"method": "lorpa", "stage1_ranks": {"a": 64}, "ranks": {"a": 5}, "prune": {"score": "svd", "scope": "global", "rewind": "none"},
-      "config": {"prune_tolerance": 0.5, "stage1_ratio": 1.0, "selection_split_percentage": 10, "training": {"max_steps": -1}}},
+    ({"method": "lorpa", "stage1_ranks": {"a": 64}, "ranks": {"a": 5},
+      "prune": {"score": "svd", "scope": "global", "rewind": "none"},
+      "config": {"prune_tolerance": 0.5, "stage1_ratio": 1.0, "selection_split_percentage": 10,
+                 "training": {"max_steps": -1}}},
      "LoRPA 64→tolerance 0.5 (global, svd, prune at 100%, 10% held out)"),
 ])
 def test_row_labels_name_method_and_rank_budget(fields, label):
@@ -309,7 +313,8 @@ def test_report_during_a_sweep_marks_unfinished_cells(tmp_path, capsys):
     failed, waiting = runs / "lorpa/rte/seed0", runs / "lorpa/rte/seed1"
     failed.mkdir(parents=True)
     (failed / "train.log").write_text("=== start ...\nTraceback\n=== exit 1 2026-01-01T00:00:09 (9.0)\n")
-    planned += [Cell("lorpa/rte/seed0", tmp_path / "rte.yaml", failed), Cell("lorpa/rte/seed1", tmp_path / "rte.yaml", waiting)]
+    planned += [Cell("lorpa/rte/seed0", tmp_path / "rte.yaml", failed),
+                Cell("lorpa/rte/seed1", tmp_path / "rte.yaml", waiting)]
     write_manifest(runs, planned)
     assert run_cli(main, [str(runs)]) == 0
     out = capsys.readouterr().out
@@ -336,9 +341,11 @@ def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp
     cola = [100 * (LORPA["cola"][s] - LORA["cola"][s]) for s in range(3)]
     assert any(line.startswith(f"| {label} |") and mrpc in line and f"{statistics.fmean(cola):+.1f}" in line
                for line in out.split("Paired differences against LoRA r=8")[1].splitlines())
-    prune_line = next(line for line in out.split("What the last prune kept")[1].splitlines() if line.startswith("| LoRPA"))
+    prune_line = next(line for line in out.split("What the last prune kept")[1].splitlines()
+                      if line.startswith("| LoRPA"))
     cells = [cell.strip() for cell in prune_line.split("|")]
-    assert cells[2] == "0.200" and cells[3] == "0.075" and cells[4] == "60.0"  # output error: mean of the calibrated seeds
+    # output error: mean of the calibrated seeds
+    assert cells[2] == "0.200" and cells[3] == "0.075" and cells[4] == "60.0"
 
 
 def test_the_rank_curve_draws_one_line_per_method_through_its_ranks(tmp_path, capsys):
@@ -348,7 +355,8 @@ def test_the_rank_curve_draws_one_line_per_method_through_its_ranks(tmp_path, ca
     assert family("LoRA r=16") == "LoRA r=k" and family("LoRPA 64→energy 0.9 (svd)") == "LoRPA 64→energy 0.9 (svd)"
     for rank, value in ((2, 0.70), (4, 0.75), (8, 0.80)):
         for seed in range(2):
-            data = record("lora", "mrpc", seed, value + 0.01 * seed, 1000 * rank + 500, dict.fromkeys(MODULES, rank), lora_r=rank)
+            data = record("lora", "mrpc", seed, value + 0.01 * seed, 1000 * rank + 500, dict.fromkeys(MODULES, rank),
+                          lora_r=rank)
             data["head_params"] = 500
             write(tmp_path / f"lora{rank}-{seed}", data)
     png = tmp_path / "curve.png"
@@ -373,7 +381,8 @@ def test_the_adapter_column_counts_the_saved_lora_factors_and_the_curve_uses_it(
         write(folder, data)
         tensors = {f"base_model.model.{name}.lora_{part}.weight": torch.zeros(shape)
                    for name in MODULES for part, shape in (("A", (rank, 16)), ("B", (24, rank)))}
-        tensors["base_model.model.classifier.modules_to_save.dense.weight"] = torch.zeros(7, 7)  # not LoRA: not counted
+        # not LoRA: not counted
+        tensors["base_model.model.classifier.modules_to_save.dense.weight"] = torch.zeros(7, 7)
         save_file(tensors, folder / "adapter_model.safetensors")
     (tmp_path / "lora2" / "adapter_model.safetensors").rename(tmp_path / "lora2" / "kept.safetensors")
     assert run_cli(main, [str(tmp_path)]) == 0

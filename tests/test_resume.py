@@ -50,7 +50,8 @@ def test_latest_falls_back_to_the_previous_stage_then_to_the_start(tmp_path, cap
 
 
 def test_checkpoints_in_the_layouts_fsdp_saves_resume_and_a_cut_off_one_is_skipped(tmp_path, capsys):
-    """accelerate's names for an FSDP run: a full state dict in one file, a sharded one in a distributed-checkpoint folder."""
+    """accelerate's names for an FSDP run: a full state dict in one file, a sharded one in a distributed-checkpoint
+    folder."""
     full = complete_checkpoint(tmp_path / "stage1" / "checkpoint-2")
     (full / "adapter_model.safetensors").unlink()
     (full / "optimizer.pt").rename(full / "pytorch_model_fsdp.bin")

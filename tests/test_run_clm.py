@@ -105,7 +105,8 @@ def test_prompt_tokens_are_masked_and_the_response_is_learned_up_to_its_end(llam
         assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
         response = labels[len(prompt):]
         assert response == ids[len(prompt):] and IGNORE_INDEX not in response
-        end = response.index(tokenizer.eos_token_id)  # the model learns to stop (chat: the template's closing text follows)
+        # the model learns to stop (chat: the template's closing text follows)
+        end = response.index(tokenizer.eos_token_id)
         assert tokenizer.decode(response[end + 1:]).strip() == "" and (kind == "qwen2" or end == len(response) - 1)
         assert tokenizer.decode(response, skip_special_tokens=True).strip() == row["answer"]
     if kind == "llama":
@@ -190,7 +191,8 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(llama_dir, t
     answers = {}
     for batch_size in (1, 5):
         trainer = GenerationEvalTrainer(
-            model=model, args=TrainingArguments(str(tmp_path), per_device_eval_batch_size=batch_size, report_to="none"),
+            model=model,
+            args=TrainingArguments(str(tmp_path), per_device_eval_batch_size=batch_size, report_to="none"),
             processing_class=tokenizer, prompts=prompts, references=["#### 1"] * 5, score=gsm8k_metrics,
             max_new_tokens=6, pad_token_id=pad_id(tokenizer),
         )
@@ -267,7 +269,8 @@ def test_max_steps_are_split_between_the_stages(llama_dir, data_files, tmp_path)
 def test_data_dir_replaces_the_hub_gsm8k(tmp_path):
     write_arithmetic_gsm8k(tmp_path, n_train=4, n_test=2)
     local = ClmDataArguments(data_dir=str(tmp_path))
-    assert local.train_file == str(tmp_path / "gsm8k/train.jsonl") and local.validation_file == str(tmp_path / "gsm8k/test.jsonl")
+    assert (local.train_file == str(tmp_path / "gsm8k/train.jsonl")
+            and local.validation_file == str(tmp_path / "gsm8k/test.jsonl"))
     assert (local.prompt_column, local.response_column, local.eval_task) == ("question", "answer", "gsm8k")
     mixed = ClmDataArguments(dataset_name="meta-math/MetaMathQA", eval_dataset_name="gsm8k", data_dir=str(tmp_path))
     assert mixed.dataset_name == "meta-math/MetaMathQA" and mixed.train_file is None  # MetaMathQA still from the hub
@@ -277,7 +280,8 @@ def test_data_dir_replaces_the_hub_gsm8k(tmp_path):
 
 BAD_FLAGS = {
     "unknown column": (["--prompt_column", "query"], "no column 'query' (columns: question, answer)"),
-    "template without placeholder": (["--prompt_template", "Question: {question}"], "--prompt_template must contain {prompt}"),
+    "template without placeholder": (["--prompt_template", "Question: {question}"],
+                                     "--prompt_template must contain {prompt}"),
     "response does not fit": (["--max_seq_length", "12", "--drop_overlong", "false"],
                               "training data: row 1 has a response longer than --max_seq_length 12"),
     "nothing fits": (["--max_seq_length", "3"], "training data: no row fits in --max_seq_length 3"),
@@ -344,9 +348,12 @@ def test_comparison_configs_hold_peft_values_and_differ_only_in_the_adapter(mode
     assert (data.dataset_name, data.eval_dataset_name, data.eval_split) == ("meta-math/MetaMathQA", "gsm8k", "test")
     assert (data.prompt_column, data.response_column, data.max_seq_length) == ("query", "response", 768)
     assert data.prompt_template == TEMPLATE and clm.torch_dtype == "bfloat16" and training_args.gradient_checkpointing
-    assert (training_args.max_steps, training_args.per_device_train_batch_size, training_args.learning_rate) == (5000, 4, 1e-4)
-    assert (method_args.lora_r, method_args.lora_alpha, method_args.lora_target_modules) == (32, 64, ["q_proj", "v_proj"])
-    values = {name: yaml.safe_load((folder / name / "gsm8k.yaml").read_text()) for name in ("", "lorpa_r8", "lora_r32")}
+    assert (training_args.max_steps, training_args.per_device_train_batch_size,
+            training_args.learning_rate) == (5000, 4, 1e-4)
+    assert (method_args.lora_r, method_args.lora_alpha,
+            method_args.lora_target_modules) == (32, 64, ["q_proj", "v_proj"])
+    values = {name: yaml.safe_load((folder / name / "gsm8k.yaml").read_text())
+              for name in ("", "lorpa_r8", "lora_r32")}
     assert [(v["lora_r"], v.get("prune_target_rank")) for v in values.values()] == [(256, 32), (256, 8), (32, None)]
     rest = [{k: v for k, v in config.items() if k not in ADAPTER_KEYS} for config in values.values()]
     assert rest[0] == rest[1] == rest[2]

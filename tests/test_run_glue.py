@@ -85,7 +85,8 @@ def test_every_method_trains_the_head_and_reloads(model_dir, tmp_path, method):
 
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     rows = [json.loads(line) for line in files["validation_file"].read_text().splitlines()]
-    batch = tokenizer([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], padding=True, return_tensors="pt")
+    batch = tokenizer([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], padding=True,
+                      return_tensors="pt")
     base = AutoModelForSequenceClassification.from_pretrained(model_dir)
     head_before = base.classifier.out_proj.weight.detach().clone()
     if method == "full":
@@ -189,10 +190,14 @@ BAD_INPUTS = {
     "missing file names its flag": (["--validation_file", "nowhere.jsonl"],
                                     "data file not found: nowhere.jsonl (given by --validation_file"),
     "negative learning rate": (["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
-    "zero batch size": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer, got 0"),
-    "zero eval batch size": (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be a positive integer"),
-    "zero accumulation": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive integer"),
-    "warm-up above 1 as a fraction": (["--warmup_steps", "1.5"], "--warmup_steps must be a fraction of the steps in [0, 1) or a whole number"),
+    "zero batch size": (["--per_device_train_batch_size", "0"],
+                        "--per_device_train_batch_size must be a positive integer, got 0"),
+    "zero eval batch size": (["--per_device_eval_batch_size", "0"],
+                             "--per_device_eval_batch_size must be a positive integer"),
+    "zero accumulation": (["--gradient_accumulation_steps", "0"],
+                          "--gradient_accumulation_steps must be a positive integer"),
+    "warm-up above 1 as a fraction": (["--warmup_steps", "1.5"],
+                                      "--warmup_steps must be a fraction of the steps in [0, 1) or a whole number"),
     "negative weight decay": (["--weight_decay", "-0.1"], "--weight_decay must be >= 0, got -0.1"),
     "beta at 1": (["--adam_beta2", "1.0"], "--adam_beta2 must be in [0, 1), got 1.0"),
     "negative epsilon": (["--adam_epsilon", "-1"], "--adam_epsilon must be >= 0"),
@@ -202,17 +207,22 @@ BAD_INPUTS = {
     "negative workers": (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
     "dropout above 1": (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     "negative alpha": (["--lora_alpha", "-1"], "--lora_alpha must be positive, got -1.0"),
-    "both recoveries": (["--stage2_epochs", "1", "--stage2_steps", "3"], "give --stage2_epochs or --stage2_steps, not both"),
+    "both recoveries": (["--stage2_epochs", "1", "--stage2_steps", "3"],
+                        "give --stage2_epochs or --stage2_steps, not both"),
     "no calibration batches": (["--calibration_batches", "0"], "--calibration_batches must be a positive integer"),
     "calibration tokens": (["--calibration_tokens", "all"], "unknown --calibration_tokens 'all'"),
     "global norm": (["--global_norm", "softmax"], "unknown --global_norm 'softmax'"),
-    "tolerance without a selection split": (["--prune_target_rank", None, "--prune_tolerance", "0.5", "--stage1_ratio", "1.0"],
-                                            "--prune_tolerance chooses the budget on held-out rows: add --selection_split_percentage"),
+    "tolerance without a selection split": (["--prune_target_rank", None, "--prune_tolerance", "0.5",
+                                             "--stage1_ratio", "1.0"],
+                                            "--prune_tolerance chooses the budget on held-out rows: "
+                                            "add --selection_split_percentage"),
     "tolerance before the end": (["--prune_target_rank", None, "--prune_tolerance", "0.5"],
-                                 "--prune_tolerance chooses the cut at the end of training: use it with --stage1_ratio 1.0"),
+                                 "--prune_tolerance chooses the cut at the end of training: "
+                                 "use it with --stage1_ratio 1.0"),
     "two budgets": (["--prune_energy", "0.9"], "give one of --prune_target_rank, --prune_energy, not several"),
     "energy above 1": (["--prune_target_rank", None, "--prune_energy", "1.2"], "--prune_energy must be in (0, 1]"),
-    "energy of magnitude": (["--prune_target_rank", None, "--prune_energy", "0.9"], "energy needs a score whose components carry an energy"),
+    "energy of magnitude": (["--prune_target_rank", None, "--prune_energy", "0.9"],
+                            "energy needs a score whose components carry an energy"),
     "pruned alpha word": (["--pruned_alpha", "folded"], "--pruned_alpha must be a positive number or fold"),
 }
 
@@ -220,13 +230,15 @@ BAD_INPUTS = {
 def saved_lora_adapter(folder, rank, alpha, rank_pattern=None):
     """A LoRA adapter folder as peft writes it (only its config is read before the run refuses it)."""
     folder.mkdir()
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern or {}, "alpha_pattern": {}}
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern or {},
+              "alpha_pattern": {}}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
 
 @pytest.mark.parametrize("rank, alpha, pattern, expected", [
-    (8, 16, None, "has rank 8 and lora_alpha 16, but --lora_r is 16 and --lora_alpha 32: pass the adapter's own values"),
+    (8, 16, None, "has rank 8 and lora_alpha 16, but --lora_r is 16 and --lora_alpha 32: "
+                  "pass the adapter's own values"),
     (16, 16, None, "has rank 16 and lora_alpha 16, but --lora_r is 16 and --lora_alpha 32"),
     (16, 32, {"query": 4, "value": 4}, "was already pruned (ranks 4); give the unpruned LoRA adapter"),
 ])
@@ -376,7 +388,8 @@ def test_pruning_late_evaluates_the_pruned_adapter_without_retraining(model_dir,
 def test_a_trained_lora_adapter_as_stage1_equals_training_stage1_here(model_dir, tmp_path):
     files = task_files(tmp_path, "rte")
     late = tmp_path / "late"
-    run_glue.main(argv_for(model_dir, tmp_path, "rte", late, "--stage1_ratio", "1.0", "--prune_score", "svd", files=files))
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", late, "--stage1_ratio", "1.0", "--prune_score", "svd",
+                           files=files))
     lora = tmp_path / "lora"
     run_glue.main(argv_for(model_dir, tmp_path, "rte", lora, "--method", "lora", files=files))
     reused = tmp_path / "reused"
@@ -392,8 +405,8 @@ def test_the_activation_score_calibrates_right_before_the_prune_and_a_short_reco
     lora = tmp_path / "lora"
     run_glue.main(argv_for(model_dir, tmp_path, "rte", lora, "--method", "lora", files=files))
     output_dir = tmp_path / "activation"
-    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0", "--prune_score", "activation",
-                           "--stage1_adapter", str(lora), "--stage2_steps", "2", files=files))
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0", "--prune_score",
+                           "activation", "--stage1_adapter", str(lora), "--stage2_steps", "2", files=files))
     results = read_results(output_dir)
     (prune,) = results["prunes"]
     assert prune["calibration_tokens"] > 0 and 0 < prune["mean_output_error"] < 1
@@ -419,9 +432,10 @@ def test_the_activation_score_calibrates_right_before_the_prune_and_a_short_reco
 def test_the_tolerance_search_chooses_on_the_selection_split_and_records_every_candidate(model_dir, tmp_path, capsys):
     files = task_files(tmp_path, "rte", n_train=40)
     output_dir = tmp_path / "tolerance"
-    run_glue.main(without_target(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0", "--prune_score",
-                                          "svd", "--prune_tolerance", "5", "--selection_split_percentage", "25",
-                                          "--pruned_alpha", "fold", files=files)))
+    run_glue.main(without_target(argv_for(model_dir, tmp_path, "rte", output_dir, "--stage1_ratio", "1.0",
+                                          "--prune_score", "svd", "--prune_tolerance", "5",
+                                          "--selection_split_percentage", "25", "--pruned_alpha", "fold",
+                                          files=files)))
     # 10 selection rows: one row moves accuracy by 10 points, more than the tolerance of 5
     assert "the selection split has 10 rows, so one row moves accuracy by 10.00 points" in capsys.readouterr().err
     results = read_results(output_dir)
@@ -435,9 +449,9 @@ def test_the_tolerance_search_chooses_on_the_selection_split_and_records_every_c
     assert config["lora_alpha"] == config["r"] == max(results["ranks"].values())  # folded: scaling 1
 
     energy = tmp_path / "energy"
-    run_glue.main(without_target(argv_for(model_dir, tmp_path, "rte", energy, "--stage1_ratio", "1.0", "--prune_score", "svd",
-                                          "--prune_energy", "0.9", "--prune_scope", "global", "--prune_max_rank", "6",
-                                          files=files)))
+    run_glue.main(without_target(argv_for(model_dir, tmp_path, "rte", energy, "--stage1_ratio", "1.0",
+                                          "--prune_score", "svd", "--prune_energy", "0.9", "--prune_scope", "global",
+                                          "--prune_max_rank", "6", files=files)))
     assert max(read_results(energy)["ranks"].values()) <= 6
 
 
@@ -453,7 +467,8 @@ def test_a_prune_through_the_adapter_files_as_under_fsdp_ends_where_the_prune_in
     run_glue.main(argv_for(model_dir, tmp_path, "rte", through_files, *extra, files=files))
     memory, sharded = read_results(in_memory), read_results(through_files)
     assert sharded["ranks"] == memory["ranks"] and sharded["prunes"][0]["ranks"] == memory["prunes"][0]["ranks"]
-    assert sharded["prunes"][0]["mean_relative_error"] == pytest.approx(memory["prunes"][0]["mean_relative_error"], abs=1e-6)
+    assert sharded["prunes"][0]["mean_relative_error"] == pytest.approx(memory["prunes"][0]["mean_relative_error"],
+                                                                        abs=1e-6)
     assert sharded["metrics"]["accuracy"] == memory["metrics"]["accuracy"]
     assert sharded["metrics"]["loss"] == pytest.approx(memory["metrics"]["loss"], rel=1e-5)
     assert (through_files / "stage1/adapter/adapter_model.safetensors").is_file()
@@ -463,17 +478,18 @@ def test_a_prune_through_the_adapter_files_as_under_fsdp_ends_where_the_prune_in
     run_glue.main(argv_for(model_dir, tmp_path, "rte", resumed, *checkpointed, files=files))
     (checkpoint,) = sorted((resumed / "stage2").glob("checkpoint-*"))[:1]
     (resumed / "results.json").unlink()
-    run_glue.main(argv_for(model_dir, tmp_path, "rte", resumed, *checkpointed, "--resume_from_checkpoint", str(checkpoint),
-                           files=files))
+    run_glue.main(argv_for(model_dir, tmp_path, "rte", resumed, *checkpointed, "--resume_from_checkpoint",
+                           str(checkpoint), files=files))
     assert read_results(resumed)["metrics"]["loss"] == pytest.approx(sharded["metrics"]["loss"], rel=1e-5)
 
 
 def test_fsdp_refuses_the_options_a_prune_through_files_cannot_honour(model_dir, tmp_path, capsys, earlier_output,
                                                                       monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch` with an FSDP config sets it
-    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true", "--prune_score", "activation")
-    assert_one_line_failure(run_glue.main, argv, "under FSDP LoRPA prunes the gathered adapter from its files, without "
-                            "the model: score 'activation', a calibration", capsys, earlier_output)
+    argv = argv_for(model_dir, tmp_path, "rte", earlier_output, "--overwrite_output_dir", "true", "--prune_score",
+                    "activation")
+    assert_one_line_failure(run_glue.main, argv, "under FSDP LoRPA prunes the gathered adapter from its files, "
+                            "without the model: score 'activation', a calibration", capsys, earlier_output)
 
 
 def test_a_single_float_label_is_named_by_its_row(model_dir, tmp_path, capsys, earlier_output):
@@ -507,7 +523,8 @@ def test_help_puts_config_and_lorpa_flags_first_and_marks_the_trainers(capsys):
     text = capsys.readouterr().out
     usage = text.split("\n\n")[0]
     assert "--model_name_or_path" not in usage and "--task_name" not in usage  # a config can give them
-    assert text.index("--config") < text.index("--method") < text.index("--model_name_or_path") < text.index("--output_dir")
+    assert (text.index("--config") < text.index("--method") < text.index("--model_name_or_path")
+            < text.index("--output_dir"))
     assert "transformers' Trainer flags" in text[text.index("--adalora_tfinal_ratio"):text.index("--output_dir")]
     options = text.split("\n  -")
     assert not [option for option in options if option.count("default") > 1 and "(default:" in option]

@@ -289,12 +289,14 @@ def test_bad_flag_fails_in_one_line_and_keeps_earlier_output(model_dir, data_fil
 def test_only_one_local_file_is_refused(model_dir, data_files, capsys, earlier_output):
     files = {"train_file": data_files["train_file"]}
     argv = argv_for(model_dir, earlier_output, files, "--overwrite_output_dir", "true")
-    assert_one_line_failure(run_summarization.main, argv, "both --train_file and --validation_file", capsys, earlier_output)
+    assert_one_line_failure(run_summarization.main, argv, "both --train_file and --validation_file", capsys,
+                            earlier_output)
 
 
 def test_missing_target_modules_are_asked_for(bert2bert_dir, data_files, capsys, earlier_output):
     argv = argv_for(bert2bert_dir, earlier_output, data_files, "--overwrite_output_dir", "true")
-    assert_one_line_failure(run_summarization.main, argv, "no default target modules for model type 'encoder-decoder'", capsys, earlier_output)
+    assert_one_line_failure(run_summarization.main, argv, "no default target modules for model type 'encoder-decoder'",
+                            capsys, earlier_output)
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "summarization"

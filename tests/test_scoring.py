@@ -32,7 +32,8 @@ def test_elementwise_scores_equal_authors_formula(roberta_pair):
     for name, layer in lora_layers(model).items():
         lora_A, lora_B = factors(layer, "default")
         brute = torch.tensor(
-            [sum(abs(lora_B[j, i].item() * lora_A[i, j].item()) for j in range(lora_A.shape[1])) for i in range(lora_A.shape[0])]
+            [sum(abs(lora_B[j, i].item() * lora_A[i, j].item()) for j in range(lora_A.shape[1]))
+             for i in range(lora_A.shape[0])]
         )
         torch.testing.assert_close(scores[name], brute, rtol=1e-5, atol=1e-7)
 
@@ -58,7 +59,8 @@ def test_unknown_score_is_rejected(roberta_pair):
 
 
 def _benchmark(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name,
+                                                  Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -14,7 +14,8 @@ def run(row, seed, values, folder=None):
 RUNS = [
     run("LoRA r=8", 1, {"SST-2": 79.0, "STS-B": 71.0}), run("LoRA r=8", 2, {"SST-2": 78.0, "STS-B": 70.0}),
     run("LoRA r=8", 3, {"SST-2": 80.0}),
-    run("LoRPA 64→8 (svd)", 1, {"SST-2": 81.5, "STS-B": 74.0}), run("LoRPA 64→8 (svd)", 2, {"SST-2": 80.0, "STS-B": 74.5}),
+    run("LoRPA 64→8 (svd)", 1, {"SST-2": 81.5, "STS-B": 74.0}),
+    run("LoRPA 64→8 (svd)", 2, {"SST-2": 80.0, "STS-B": 74.5}),
     run("LoRPA 64→8 (svd)", 4, {"SST-2": 99.0}),  # no baseline run with seed 4: not paired
 ]
 

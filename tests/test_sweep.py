@@ -59,7 +59,8 @@ def test_parallel_cells_overlap_a_broken_cell_fails_alone_and_a_rerun_skips_fini
     assert done.returncode == 1, done.stderr[-3000:]
     out = done.stdout
     # cells in order: lorpa/rte, lorpa/sst2, then the broken lora_r4/rte, which waits for a free slot
-    assert re.search(r"^\[1/3\] start lorpa/rte/seed1, log .*train.log \(elapsed 0:00:0\d, time left unknown\)$", out, re.M)
+    assert re.search(r"^\[1/3\] start lorpa/rte/seed1, log .*train.log "
+                     r"\(elapsed 0:00:0\d, time left unknown\)$", out, re.M)
     assert re.search(r"^\[3/3\] start lora_r4/rte/seed1, .*\(elapsed \d:\d\d:\d\d, ~\d:\d\d:\d\d left\)$", out, re.M)
     assert re.search(r"^\[3/3\] FAILED lora_r4/rte/seed1 \(exit 2\) after", out, re.M)
     assert "sweep: 2 finished, 0 skipped (done already), 1 failed" in out
@@ -176,7 +177,8 @@ def test_slurm_launcher_writes_one_array_job_with_the_options(tmp_path):
     pytest.importorskip("submitit")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text('#!/usr/bin/env bash\ncp "${@: -1}" "$SBATCH_COPY"\necho "Submitted batch job 4242"\n')
+    (bin_dir / "sbatch").write_text('#!/usr/bin/env bash\ncp "${@: -1}" "$SBATCH_COPY"\n'
+                                    'echo "Submitted batch job 4242"\n')
     (bin_dir / "srun").write_text("#!/usr/bin/env bash\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
@@ -215,7 +217,8 @@ def test_slurm_runs_a_cell_that_reuses_its_twin_as_a_job_after_the_twin_s_task(t
                     "--launcher", "slurm", "--slurm_sbatch", "account=myproject", "--runs_dir", tmp_path / "runs",
                     env_extra={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_DIR": str(sbatch_files)})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "submitted 4 cells as array job 4242 and 2 as jobs that start when their LoRA twin's task ends" in done.stdout
+    assert ("submitted 4 cells as array job 4242 and 2 as jobs that start when their LoRA twin's task ends"
+            in done.stdout)
     array, *after_twin = [(sbatch_files / f"{n}.sh").read_text().splitlines() for n in range(3)]
     assert "#SBATCH --array=0-3%4" in array and not any("--dependency" in line for line in array)
     for lines, twin_task in zip(after_twin, ("4242_0", "4242_1")):  # the array's tasks 0, 1: lora_r64 sst2, stsb
@@ -317,11 +320,13 @@ def test_a_prune_at_the_end_cell_reuses_its_lora_twin_and_matches_training_stage
     alone = tmp_path / "alone"  # the same cell, stage 1 trained here
     solo = train_sh(table / "late/sst2.yaml", "--seed", "1", "--output_dir", alone)
     assert solo.returncode == 0, solo.stderr[-3000:]
-    reused, trained = (json.loads(Path(folder, "results.json").read_text()) for folder in (runs / "late/sst2/seed1", alone))
+    reused, trained = (json.loads(Path(folder, "results.json").read_text())
+                       for folder in (runs / "late/sst2/seed1", alone))
     assert reused["metrics"] == trained["metrics"]
     assert [{k: prune[k] for k in ("before", "after", "mean_relative_error")} for prune in reused["prunes"]] == \
         [{k: prune[k] for k in ("before", "after", "mean_relative_error")} for prune in trained["prunes"]]
-    weights = [load_file(str(Path(folder, "adapter_model.safetensors"))) for folder in (runs / "late/sst2/seed1", alone)]
+    weights = [load_file(str(Path(folder, "adapter_model.safetensors")))
+               for folder in (runs / "late/sst2/seed1", alone)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
@@ -359,7 +364,8 @@ def test_only_cells_whose_stage1_is_a_lora_run_of_the_sweep_are_linked(tmp_path)
         (table / row).mkdir(parents=True)
         (table / row / "sst2.yaml").write_text((launch.TABLES["minilm-study"] / row / "sst2.yaml").read_text())
     late = table / "svd_s100/sst2.yaml"
-    assert [c.name for c in launch.sweep_cells(str(table), [1], ["all"], tmp_path, []) if c.stage1_from] == ["svd_s100/sst2/seed1"]
+    assert [c.name for c in launch.sweep_cells(str(table), [1], ["all"], tmp_path, [])
+            if c.stage1_from] == ["svd_s100/sst2/seed1"]
     late.write_text(late.read_text().replace("learning_rate: 1.0e-3", "learning_rate: 2.0e-3"))
     assert not any(c.stage1_from for c in launch.sweep_cells(str(table), [1], ["all"], tmp_path, []))
 

@@ -77,7 +77,8 @@ def test_a_trainer_subclass_gets_two_stages_and_a_fresh_optimizer(tmp_path):
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     optimized = {id(p) for group in second.optimizer.param_groups for p in group["params"]}
     assert optimized == trainable  # stage 2 optimizes the pruned tensors, not stage 1's
-    assert (tmp_path / "prune_report.json").is_file() and (tmp_path / "pruned_adapter" / "adapter_config.json").is_file()
+    assert ((tmp_path / "prune_report.json").is_file()
+            and (tmp_path / "pruned_adapter" / "adapter_config.json").is_file())
 
     result.trainer.save_model(str(tmp_path / "final"))
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "final").eval()
@@ -122,9 +123,11 @@ def test_bad_pruning_options_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="target_rank 6 exceeds the rank"):
         lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), target_rank=6)
     with pytest.raises(ValueError, match="stage1_ratio must be in"):
-        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), stage1_ratio=1.5, target_rank=2)
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), stage1_ratio=1.5,
+                              target_rank=2)
     with pytest.raises(ValueError, match="ranks must decrease"):
-        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), prune_schedule="0.2:2,0.4:3")
+        lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path),
+                              prune_schedule="0.2:2,0.4:3")
     with pytest.raises(ValueError, match="sets the ranks"):
         lorpa.train_two_stage(model, lambda m, a: built.append(m), training_args(tmp_path), prune_schedule="0.2:2",
                               target_rank=2)
@@ -185,10 +188,10 @@ def test_a_tolerance_prunes_at_the_end_to_the_smallest_budget_the_evaluation_all
 
 def run_ddp_script(out: Path, model_dir: Path, *, timeout: float, env: dict | None = None, mode: str = "memory"):
     script = Path(__file__).with_name("ddp_two_stage.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
-               **(env or {}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, out, model_dir,
-               mode]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]), **(env or {}))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, out,
+               model_dir, mode]
     return processes.run(command, timeout=timeout, env=env)
 
 
@@ -220,7 +223,8 @@ def test_two_gloo_processes_keep_the_same_components_stay_in_sync_and_share_gene
     records = [json.loads((tmp_path / f"process{rank}.json").read_text()) for rank in (0, 1)]
     assert all(r["world_sizes"] == [2, 2] for r in records)  # both stages ran under DDP
     assert all(r["ddp_wrappers_alive"] == 0 for r in records)  # none can destroy the group after the script left it
-    assert all(r["fresh_model"] == (mode == "files") for r in records)  # through files, stage 2 starts from a new model
+    # through files, stage 2 starts from a new model
+    assert all(r["fresh_model"] == (mode == "files") for r in records)
     if mode == "files":
         assert (tmp_path / "run/stage1/adapter/adapter_config.json").is_file()  # the unpruned adapter, saved in full
     assert records[0]["kept"] == records[1]["kept"]  # rank 0's choice, although each process seeded its own
@@ -253,7 +257,8 @@ def test_trl_sft_trainer_runs_both_stages(tmp_path):
                            report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, max_length=96)
     result = lorpa.train_two_stage(
         model,
-        lambda m, a: trl.SFTTrainer(model=m, args=a, train_dataset=Dataset.from_list(rows), processing_class=tokenizer),
+        lambda m, a: trl.SFTTrainer(model=m, args=a, train_dataset=Dataset.from_list(rows),
+                                    processing_class=tokenizer),
         config, target_rank=2,
     )
     assert isinstance(result.trainer, trl.SFTTrainer) and isinstance(result.trainer.args, trl.SFTConfig)

@@ -105,7 +105,8 @@ def write_tiny_decoder(folder: Path, kind: str = "llama", hidden_size: int = 32)
 
     special = ["<s>", "</s>", "<unk>"] + (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if kind == "qwen2" else [])
     bpe = ByteLevelBPETokenizer()
-    texts = [text for row in arithmetic_rows(300, 99) for text in row.values()] + ["Question: Think step by step. Answer:"]
+    texts = ([text for row in arithmetic_rows(300, 99) for text in row.values()]
+             + ["Question: Think step by step. Answer:"])
     bpe.train_from_iterator(texts, vocab_size=400, special_tokens=special)
     if kind == "llama":
         bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
@@ -118,8 +119,8 @@ def write_tiny_decoder(folder: Path, kind: str = "llama", hidden_size: int = 32)
         config_class, model_class = Qwen2Config, Qwen2ForCausalLM
         extra = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     config = config_class(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **extra,
     )
     model_class(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

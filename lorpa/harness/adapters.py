@@ -98,7 +98,8 @@ def check_module_names(model, args: MethodArguments) -> None:
     linear = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
     targets = target_modules(args)
     for flag, keys, hint in (
-        ("--lora_target_modules", [] if targets == "all-linear" else targets, f"the model's linear layers: {_names_hint(linear)}"),
+        ("--lora_target_modules", [] if targets == "all-linear" else targets,
+         f"the model's linear layers: {_names_hint(linear)}"),
         ("--modules_to_save", args.modules_to_save, f"the model's modules include {_names_hint(names)}"),
     ):
         for key in keys or ():
@@ -114,7 +115,8 @@ def attach_adapters(model, args: MethodArguments, task_type: str, total_steps: i
     if args.method == "full":
         return model
     check_module_names(model, args)
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in favour of another; not ours to fix
+    # peft calls a transformers method deprecated in favour of another; not ours to fix
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if args.method == "adalora":
             return peft.get_peft_model(model, adalora_config(args, task_type, total_steps))

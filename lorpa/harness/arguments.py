@@ -38,7 +38,8 @@ class ModelArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own"})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache hub downloads"})
     ignore_mismatched_sizes: bool = field(
-        default=False, metadata={"help": "Re-initialise checkpoint weights whose shape differs (e.g. another task's head)"}
+        default=False,
+        metadata={"help": "Re-initialise checkpoint weights whose shape differs (e.g. another task's head)"},
     )
 
 
@@ -53,7 +54,8 @@ class MethodArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input"})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules to adapt (names or name endings); left out: peft's default for the architecture, e.g. query/value"}
+        metadata={"help": "Modules to adapt (names or name endings); left out: peft's default for the "
+                          "architecture, e.g. query/value"},
     )
     modules_to_save: list[str] | None = field(
         default=None,
@@ -65,7 +67,8 @@ class MethodArguments:
     )
     stage2_epochs: float | None = field(
         default=None,
-        metadata={"help": "Epochs of retraining after the (last) prune; default: the epochs left (none at stage1_ratio 1.0)"},
+        metadata={"help": "Epochs of retraining after the (last) prune; default: the epochs left (none at "
+                          "stage1_ratio 1.0)"},
     )
     stage2_steps: int | None = field(
         default=None,
@@ -104,10 +107,10 @@ class MethodArguments:
     global_norm: str = field(default="absolute", metadata={"help": PruneOptions.help("global_norm")})
     calibration_batches: int | None = field(
         default=None,
-        metadata={"help": "Training batches (in order, at the evaluation batch size) run through the model right before "
-                          "each prune to record what the activation score needs; default: as many as hold "
-                          f"{TOKENS_PER_RANK} tokens per unit of --lora_r. Given with another score, the prune report also "
-                          "measures that score's output error"},
+        metadata={"help": "Training batches (in order, at the evaluation batch size) run through the model right "
+                          "before each prune to record what the activation score needs; default: as many as hold "
+                          f"{TOKENS_PER_RANK} tokens per unit of --lora_r. Given with another score, the prune report "
+                          "also measures that score's output error"},
     )
     calibration_tokens: str = field(
         default="real",
@@ -120,8 +123,10 @@ class MethodArguments:
     )
     min_rank: int = field(default=1, metadata={"help": PruneOptions.help("min_rank")})
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA's average target rank"})
-    adalora_tinit_ratio: float = field(default=0.1, metadata={"help": "AdaLoRA warm-up before budgeting, as a fraction of steps"})
-    adalora_tfinal_ratio: float = field(default=0.2, metadata={"help": "AdaLoRA final fine-tuning, as a fraction of steps"})
+    adalora_tinit_ratio: float = field(
+        default=0.1, metadata={"help": "AdaLoRA warm-up before budgeting, as a fraction of steps"})
+    adalora_tfinal_ratio: float = field(
+        default=0.2, metadata={"help": "AdaLoRA final fine-tuning, as a fraction of steps"})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -133,12 +138,14 @@ class MethodArguments:
         if len(budgets) > 1:
             raise InputError(f"give one of {', '.join(budgets)}, not several")
         if self.prune_tolerance is not None and (self.stage1_ratio != 1 or self.prune_schedule is not None):
-            raise InputError("--prune_tolerance chooses the cut at the end of training: use it with --stage1_ratio 1.0")
+            raise InputError("--prune_tolerance chooses the cut at the end of training: use it with "
+                             "--stage1_ratio 1.0")
         if self.pruned_alpha is not None and self.pruned_alpha not in ALPHA_MODES:
             try:
                 self.pruned_alpha = float(self.pruned_alpha)
             except ValueError:
-                raise InputError(f"--pruned_alpha must be a positive number or fold, got {self.pruned_alpha!r}") from None
+                raise InputError(f"--pruned_alpha must be a positive number or fold, got "
+                                 f"{self.pruned_alpha!r}") from None
             if not math.isfinite(self.pruned_alpha) or self.pruned_alpha <= 0:
                 raise InputError(f"--pruned_alpha must be a positive number or fold, got {self.pruned_alpha:g}")
         if self.lora_r < 1:
@@ -156,14 +163,18 @@ class MethodArguments:
                                  "both need stage 1 to be trained here")
         if self.prune_schedule is not None and any(
                 getattr(self, name) is not None for name in ("prune_target_rank", "prune_ratio", "prune_energy")):
-            raise InputError("--prune_schedule sets the ranks; drop --prune_target_rank / --prune_ratio / --prune_energy")
+            raise InputError("--prune_schedule sets the ranks; drop --prune_target_rank / --prune_ratio / "
+                             "--prune_energy")
         stages = self.stage_options()
         options = self.prune_options(seed=0)
         self.prune_score, self.prune_scope = options.score, options.scope  # what runs, as results.json records it
         if self.prune_schedule is not None:
             stages.schedule(self.lora_r)  # validates
-        elif self.method == "lorpa" and options.target_rank not in (None, *range(1, self.lora_r + 1)):
-            raise InputError(f"--prune_target_rank must be in [1, --lora_r={self.lora_r}], got {self.prune_target_rank}")
+        elif self.method == "lorpa":
+            given = any(getattr(self, flag) is not None for flag in BUDGET_FLAGS)
+            target = self.prune_target_rank if given else PAPER_TARGET_RANK
+            if target is not None and not 1 <= target <= self.lora_r:
+                raise InputError(f"--prune_target_rank must be in [1, --lora_r={self.lora_r}], got {target}")
         if self.method == "adalora":
             if not 0 <= self.adalora_tinit_ratio + self.adalora_tfinal_ratio < 1:
                 raise InputError("--adalora_tinit_ratio + --adalora_tfinal_ratio must be below 1")
@@ -182,14 +193,17 @@ class MethodArguments:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise InputError(f"{where}: adapter_config.json is not readable JSON ({error})") from None
         if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-            raise InputError(f"{where}: not a LoRA adapter (peft_type {config.get('peft_type') if isinstance(config, dict) else None})")
+            peft_type = config.get("peft_type") if isinstance(config, dict) else None
+            raise InputError(f"{where}: not a LoRA adapter (peft_type {peft_type})")
         ranks = sorted(set((config.get("rank_pattern") or {}).values()))
         if ranks:
-            raise InputError(f"{where} was already pruned (ranks {', '.join(map(str, ranks))}); give the unpruned LoRA "
+            raise InputError(f"{where} was already pruned (ranks {', '.join(map(str, ranks))}); give the unpruned "
+                             "LoRA "
                              "adapter, or prune this one further with python -m lorpa.prune_adapter")
         if config.get("r") != self.lora_r or config.get("lora_alpha") != self.lora_alpha:
             raise InputError(f"{where} has rank {config.get('r')} and lora_alpha {config.get('lora_alpha')}, but "
-                             f"--lora_r is {self.lora_r} and --lora_alpha {self.lora_alpha:g}: pass the adapter's own values")
+                             f"--lora_r is {self.lora_r} and --lora_alpha {self.lora_alpha:g}: pass the adapter's "
+                             "own values")
 
     def stage_options(self) -> StageOptions:
         """The stage flags as the library's `StageOptions`."""
@@ -215,8 +229,8 @@ class MethodArguments:
 # The library's option behind each flag whose name differs from it: errors name the flag the user typed.
 PRUNE_FLAGS = {"target_rank": "prune_target_rank", "ratio": "prune_ratio", "energy": "prune_energy",
                "tolerance": "prune_tolerance", "max_rank": "prune_max_rank", "rank_multiple": "prune_rank_multiple",
-               "score": "prune_score", "scope": "prune_scope", "min_rank": "min_rank", "rewind": "rewind",
-               "svd_split": "svd_split", "global_norm": "global_norm"}
+               "score": "prune_score", "scope": "prune_scope", "alpha": "pruned_alpha", "min_rank": "min_rank",
+               "rewind": "rewind", "svd_split": "svd_split", "global_norm": "global_norm"}
 BUDGET_FLAGS = ("prune_target_rank", "prune_ratio", "prune_energy", "prune_tolerance")
 STAGE_FLAGS = ("stage1_ratio", "prune_schedule", "stage2_epochs", "stage2_steps", "calibration_batches",
                "calibration_tokens", "sensitivity_beta")
@@ -232,7 +246,7 @@ def flag_names():
         yield
     except InputError as error:
         message = str(error)
-        for option, flag in {**PRUNE_FLAGS, "alpha": "pruned_alpha", **{n: n for n in STAGE_FLAGS}}.items():
+        for option, flag in {**PRUNE_FLAGS, **{n: n for n in STAGE_FLAGS}}.items():
             if option in COMMON_WORDS:
                 message = re.sub(rf"^{option} must\b", f"--{flag} must", message)
                 message = re.sub(rf"^unknown {option} '", f"unknown --{flag} '", message)

@@ -59,7 +59,8 @@ def build_parser(dataclass_types, description: str | None = None, defaults=None)
         usage="%(prog)s [--config FILE.yaml] [--flag value ...]   (flags override the config; -h lists them)",
     )
     parser.error = raise_input_error  # argparse would print the whole (very long) usage first
-    parser.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of flag values; flags given here override it")
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="YAML file of flag values; flags given here override it")
     parser.set_defaults(**(defaults or {}))
     return parser
 

@@ -50,13 +50,16 @@ TABLES = {
 # a path the config reads, which is missing until they are made).
 GENERATED_INPUTS = {
     "configs/glue/smoke.yaml": (["-m", "lorpa.tasks.demo_data", "runs/smoke-data"], "runs/smoke-data/train.jsonl"),
-    "configs/summarization/smoke.yaml": (["scripts/make_tiny_seq2seq.py", "runs/tiny-seq2seq"], "runs/tiny-seq2seq/data/train.jsonl"),
-    "configs/clm/smoke.yaml": (["scripts/make_tiny_llama.py", "runs/tiny-llama"], "runs/tiny-llama/data/gsm8k/train.jsonl"),
+    "configs/summarization/smoke.yaml": (["scripts/make_tiny_seq2seq.py", "runs/tiny-seq2seq"],
+                                         "runs/tiny-seq2seq/data/train.jsonl"),
+    "configs/clm/smoke.yaml": (["scripts/make_tiny_llama.py", "runs/tiny-llama"],
+                               "runs/tiny-llama/data/gsm8k/train.jsonl"),
 }
 METHOD_FOLDERS = {"all": ("", "*"), "lorpa": ("", "lorpa_r*"), "lora": ("lora_r*",)}
 
 
-def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int, accelerate_config: Path | None = None) -> None:
+def single(config: Path, flags: list[str], runs_dir: str | None, nproc: int,
+           accelerate_config: Path | None = None) -> None:
     """One run; without an output folder in the flags or config it goes to runs/<config path>."""
     if not has_flag(flags, "--output_dir") and "output_dir" not in read_config(config):
         name = config.relative_to(ROOT / "configs") if config.is_relative_to(ROOT / "configs") else Path(config.name)
@@ -102,11 +105,13 @@ def demo(runs_dir: Path, nproc: int) -> None:
     """
     model = os.environ.get("LORPA_DEMO_MODEL") or packaged_minilm()
     data = write_demo_glue(runs_dir / "data")
-    flags = ["--model_name_or_path", model, "--train_file", str(data["train"]), "--validation_file", str(data["validation"])]
+    flags = ["--model_name_or_path", model, "--train_file", str(data["train"]),
+             "--validation_file", str(data["validation"])]
     extra = shlex.split(os.environ.get("LORPA_DEMO_FLAGS", ""))
     config = read_config(DEMO_CONFIG)
     rank = config["prune_target_rank"]  # the baseline trains at LoRPA's final rank with the same alpha/r
-    lora_flags = ["--method", "lora", "--lora_r", str(rank), "--lora_alpha", str(config["lora_alpha"] * rank / config["lora_r"])]
+    lora_flags = ["--method", "lora", "--lora_r", str(rank),
+                  "--lora_alpha", str(config["lora_alpha"] * rank / config["lora_r"])]
     cells = [Cell("lorpa", DEMO_CONFIG, runs_dir / "lorpa", flags + extra),
              Cell("lora", DEMO_CONFIG, runs_dir / "lora", flags + lora_flags + extra)]
     run_local(cells, runs_dir, 1, nproc)
@@ -137,7 +142,8 @@ def table_cells(table: str, methods: list[str]):
         elif (root / method).is_dir():
             patterns = (method,)
         else:
-            choices = [*METHOD_FOLDERS, *sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("lora_r"))]
+            choices = [*METHOD_FOLDERS,
+                       *sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("lora_r"))]
             raise InputError(f"unknown method {method!r} for --methods; choose from {', '.join(choices)}")
         for pattern in patterns:
             folders = [root] if not pattern else sorted(p for p in root.glob(pattern) if p.is_dir())
@@ -153,7 +159,8 @@ def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path
     configs = list(table_cells(table, methods))
     if not configs:
         raise InputError(f"no configs for table {table} and methods {', '.join(methods)}")
-    values = {config: read_config(config) for _, config in configs}  # a broken config is refused before any cell starts
+    # a broken config is refused before any cell starts
+    values = {config: read_config(config) for _, config in configs}
     twins = []  # LoRA rows left out by --methods: an earlier sweep may have finished them
     for name, config in table_cells(table, ["lora"]):
         if config not in values:
@@ -163,7 +170,8 @@ def sweep_cells(table: str, seeds: list[int], methods: list[str], runs_dir: Path
     cells = {config: [Cell(f"{name}/{config.stem}/seed{seed}", config, runs_dir / name / config.stem / f"seed{seed}",
                            flags + ["--seed", str(seed)], accelerate_config=accelerate_config) for seed in seeds]
              for name, config in configs + twins}
-    if not any(has_flag(flags, f"--{key}") for key in AFTER_STAGE1_KEYS):  # a flag that changes the prune links nothing
+    # a flag that changes the prune links nothing
+    if not any(has_flag(flags, f"--{key}") for key in AFTER_STAGE1_KEYS):
         link_stage1_runs([cell for row in cells.values() for cell in row], values.__getitem__)
     return [cells[config][index] for index in range(len(seeds)) for _, config in configs]
 
@@ -254,9 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "submitit-local: that array job run here by submitit (a check before submitting)")
     slurm = parser.add_argument_group("SLURM (--launcher slurm)")
     slurm.add_argument("--slurm_partition", default=None, help="default: the cluster's default partition")
-    slurm.add_argument("--slurm_gpus_per_task", type=int, default=1, help="GPUs per cell (>1: DDP within the cell; 0: CPU only)")
+    slurm.add_argument("--slurm_gpus_per_task", type=int, default=1,
+                       help="GPUs per cell (>1: DDP within the cell; 0: CPU only)")
     slurm.add_argument("--slurm_cpus_per_task", type=int, default=None, help="default: the cluster's default")
-    slurm.add_argument("--slurm_time", default="24:00:00", help="per cell, as MINUTES, HH:MM:SS or D-HH:MM:SS; a cell still running then is requeued and resumes")
+    slurm.add_argument("--slurm_time", default="24:00:00",
+                       help="per cell, as MINUTES, HH:MM:SS or D-HH:MM:SS; a cell still running then is requeued "
+                            "and resumes")
     slurm.add_argument("--slurm_array_parallelism", type=int, default=64, help="cells running at once")
     slurm.add_argument("--slurm_sbatch", action="append", default=[], metavar="KEY=VALUE",
                        help="an extra #SBATCH --KEY=VALUE line (repeatable), e.g. account=myproject")
@@ -276,13 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.accelerate_config is not None:
         accelerate_config = Path(args.accelerate_config).resolve()
         if not accelerate_config.is_file():
-            raise InputError(f"--accelerate_config {args.accelerate_config}: no such file (see configs/accelerate/fsdp.yaml)")
+            raise InputError(f"--accelerate_config {args.accelerate_config}: no such file "
+                             "(see configs/accelerate/fsdp.yaml)")
         commands.accelerate_processes(accelerate_config)  # a malformed file stops here, in one line
     if args.table:
         if config:
             raise InputError("give a config or --table, not both")
         runs_dir = Path(args.runs_dir or ROOT / "runs" / Path(args.table).name).resolve()
-        cells = sweep_cells(args.table, parse_seeds(args.seeds), args.methods.split(","), runs_dir, flags, accelerate_config)
+        cells = sweep_cells(args.table, parse_seeds(args.seeds), args.methods.split(","), runs_dir, flags,
+                            accelerate_config)
         if args.launcher != "local":
             submit_slurm(cells, runs_dir, args)
             return

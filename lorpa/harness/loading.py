@@ -22,9 +22,12 @@ def load_pretrained(loader, name_or_path: str, cache_dir: str | None = None, **k
         if Path(name_or_path).exists():
             raise InputError(f"could not load {name_or_path}: {reason}") from error
         if not _could_be_hub_id(name_or_path):
-            raise InputError(f"could not load {name_or_path}: no such folder (and it cannot be a hub model id)") from error
+            raise InputError(
+                f"could not load {name_or_path}: no such folder (and it cannot be a hub model id)"
+            ) from error
         raise InputError(
-            f"could not load {name_or_path}: no such folder, and the hub does not know it or cannot be reached ({reason})"
+            f"could not load {name_or_path}: no such folder, and the hub does not know it or cannot be reached "
+            f"({reason})"
         ) from error
 
 
@@ -48,7 +51,8 @@ def load_model(loader, name_or_path: str, cache_dir: str | None = None, **kwargs
         model, info = load_pretrained(loader, name_or_path, cache_dir, output_loading_info=True, **kwargs)
     finally:
         logger.removeFilter(quiet)
-    for kind, note in (("missing_keys", "new, trained from scratch"), ("mismatched_keys", "re-initialised, shape differs"),
+    for kind, note in (("missing_keys", "new, trained from scratch"),
+                       ("mismatched_keys", "re-initialised, shape differs"),
                        ("unexpected_keys", "in the checkpoint but unused")):
         if info.get(kind):
             keys = [key[0] if isinstance(key, tuple) else key for key in info[kind]]

@@ -15,7 +15,8 @@ TRAINER_VALUE_CHECKS = (
     ("per_device_eval_batch_size", lambda v: v >= 1, "a positive integer"),
     ("gradient_accumulation_steps", lambda v: v >= 1, "a positive integer"),
     ("eval_accumulation_steps", lambda v: v >= 1, "a positive integer"),
-    ("warmup_steps", lambda v: 0 <= v < 1 or float(v).is_integer(), "a fraction of the steps in [0, 1) or a whole number of steps"),
+    ("warmup_steps", lambda v: 0 <= v < 1 or float(v).is_integer(),
+     "a fraction of the steps in [0, 1) or a whole number of steps"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
     ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
     ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -39,7 +40,8 @@ def check_run_arguments(training_args, method_args) -> None:
     if not training_args.output_dir:
         raise InputError("--output_dir is required")
     if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
-        raise InputError(f"--num_train_epochs must be positive (or set --max_steps), got {training_args.num_train_epochs}")
+        raise InputError("--num_train_epochs must be positive (or set --max_steps), "
+                         f"got {training_args.num_train_epochs}")
     for flag, valid, requirement in TRAINER_VALUE_CHECKS:
         value = getattr(training_args, flag, None)
         if value is not None and not valid(value):

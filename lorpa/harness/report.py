@@ -20,8 +20,6 @@ from urllib.parse import quote
 
 from ..errors import InputError
 from ..stages import PRUNE_REPORT_FILE
-from .curves import plot_rank_curve
-from .plots import plot_prune_report
 from .results import RESULTS_FILE
 from .runs import METRICS, collect_runs, model_title, run_key, task_name, warn
 from .study import paired_table, prune_table
@@ -119,6 +117,8 @@ def ensure_plot(folder: Path) -> Path | None:
     if plot_path.is_file() and plot_path.stat().st_mtime >= report_path.stat().st_mtime:
         return plot_path
     try:
+        from .plots import plot_prune_report  # matplotlib: imported when a plot is drawn
+
         return plot_prune_report(json.loads(report_path.read_text()), plot_path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         warn(f"cannot plot {report_path}: {type(error).__name__}: {error}")
@@ -170,7 +170,8 @@ def write_csv(path: Path, tables: list[Table], rows: list[list[dict]], stat: str
         writer.writerow(header)
         for table, body in zip(tables, rows):
             for row in body:
-                sizes = [row["params"], *("" if row[key] is None else row[key] for key in ("params_without_head", "adapter_params"))]
+                sizes = [row["params"], *("" if row[key] is None else row[key]
+                                          for key in ("params_without_head", "adapter_params"))]
                 line = [table.benchmark, model_title(table.model), row["label"], *sizes]
                 for column in columns:
                     value = row["cells"].get(column)
@@ -182,8 +183,8 @@ def write_csv(path: Path, tables: list[Table], rows: list[list[dict]], stat: str
                 writer.writerow(line)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lorpa.report", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m lorpa.report") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("runs_dir", type=Path, help=f"folder searched recursively for {RESULTS_FILE}")
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default: RUNS_DIR/summary)")
     parser.add_argument("--metric", choices=METRICS, default="best",
@@ -204,12 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m lorpa.report") -> None:
+    args = build_parser(prog).parse_args(argv)
     if not args.runs_dir.is_dir():
         raise InputError(f"{args.runs_dir} is not a folder")
     prefix = args.out if args.out is not None else args.runs_dir / "summary"
@@ -227,7 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.curve is not None:
         lines = rank_curves(tables[0], rows[0], args.curve_rows)
         if not lines:
-            raise InputError(f"--curve: no row family with two ranks or more{' among --curve_rows' if args.curve_rows else ''}")
+            raise InputError("--curve: no row family with two ranks or more"
+                             f"{' among --curve_rows' if args.curve_rows else ''}")
         reference = {row["label"]: {c: v.mean for c, v in row["cells"].items()} for row in rows[0]
                      if row["label"] == args.curve_reference}
+        from .curves import plot_rank_curve
+
         print(f"rank curve: {plot_rank_curve(lines, tables[0].columns, args.curve, reference)}")

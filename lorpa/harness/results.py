@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..checkpoints import write_json_atomic
-from .training import TrainingOutcome
+from ..options import REPORTED
+
+if TYPE_CHECKING:  # the report command reads results without the training stack
+    from .training import TrainingOutcome
 
 RESULTS_FILE = "results.json"
 
@@ -46,7 +50,7 @@ def results_record(outcome: TrainingOutcome, *, task: str, model: str, method: s
         "head_params": final.get("head_params"),
         "ranks": final["ranks"],
         "stage1_ranks": outcome.stage1_ranks,
-        "prune": None if report is None else {k: report.get(k) for k in ("score", "scope", "rewind", "svd_split", "global_norm")},
+        "prune": None if report is None else {k: report.get(k) for k in REPORTED},
         "prunes": outcome.prunes,
         "train_runtime_s": sum(stage["train_runtime_s"] for stage in outcome.stages),
         "stages": outcome.stages,

@@ -3,6 +3,7 @@ and scores in table units), skipping unreadable ones with a warning."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -14,6 +15,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import InputError
+from ..options import REPORTED, PruneOptions
 from .results import RESULTS_FILE
 
 # The paper's column order and metric per GLUE task (MRPC and QQP: accuracy, as in the LoRA paper).
@@ -47,6 +49,8 @@ METRICS = {
     "last": ("metrics", "last evaluation"),
     "selected": ("selected_metrics", "validation score at the epoch chosen on a selection split carved from train"),
 }
+
+OPTION_DEFAULTS = {option.name: option.default for option in dataclasses.fields(PruneOptions)}
 
 
 @dataclass
@@ -148,7 +152,8 @@ def _method_label(record: dict) -> tuple[tuple, str]:
     if method == "lorpa":
         start, end = _rank(record, "stage1_ranks", "lora_r"), _rank(record, "ranks", "prune_target_rank")
         end_text = _fmt_rank(end)
-        for key, name in (("prune_energy", "energy"), ("prune_tolerance", "tolerance")):  # sized by the data: no fixed rank
+        # sized by the data: no fixed rank
+        for key, name in (("prune_energy", "energy"), ("prune_tolerance", "tolerance")):
             if is_number(config.get(key)):
                 end, end_text = config[key], f"{name} {config[key]:g}"
         prune = record.get("prune") or {}
@@ -157,8 +162,9 @@ def _method_label(record: dict) -> tuple[tuple, str]:
         rewind = prune.get("rewind", config.get("rewind", "none"))
         notes = ["global"] if scope == "global" else []
         notes += [score] if score != "magnitude" else []
-        notes += [f"{prune['svd_split']} split"] if prune.get("svd_split") not in (None, "balanced") else []
-        notes += [f"{prune['global_norm']} norm"] if prune.get("global_norm") not in (None, "absolute") else []
+        for setting in REPORTED[3:]:  # beyond score, scope and rewind: e.g. "orthonormal_a split", "relative norm"
+            if prune.get(setting) not in (None, OPTION_DEFAULTS[setting]):
+                notes.append(f"{prune[setting]} {setting.split('_')[-1]}")
         notes += ["default calibration"] if score == "activation" and config.get("calibration_batches") is None else []
         calibrated = score == "activation" or config.get("calibration_batches") is not None
         notes += ["loss tokens"] if calibrated and config.get("calibration_tokens") == "loss" else []
@@ -287,5 +293,6 @@ def model_title(model: str) -> str:
 
 
 def family(label: str) -> str:
-    """The row label with its rank budget as k (`LoRA r=k`, `LoRPA 64→k (svd, prune at 100%)`): one line of a rank curve."""
+    """The row label with its rank budget as k (`LoRA r=k`, `LoRPA 64→k (svd, prune at 100%)`): one line of a
+    rank curve."""
     return re.sub(r"(r=|→)\d+(\.\d+)?", r"\1k", label)

@@ -42,7 +42,8 @@ def _by_seed(runs, row: str) -> dict[tuple[str, str], float]:
 
 
 def paired_differences(runs, rows: list[str], columns: list[str], baseline: str) -> dict[str, dict[str, Paired]]:
-    """{row: {column: Paired}} of (row − baseline) over the seeds both have; rows without a shared seed are left out."""
+    """{row: {column: Paired}} of (row − baseline) over the seeds both have; rows without a shared seed are
+    left out."""
     base = _by_seed(runs, baseline)
     result = {}
     for row in rows:

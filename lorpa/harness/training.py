@@ -70,7 +70,8 @@ def optimizer_steps(num_examples: int, training_args: TrainingArguments, epochs:
 
 def _metrics(entry: dict) -> dict:
     """eval_* values with the prefix removed, without the timing keys."""
-    return {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and not re.search(r"(runtime|per_second|preparation_time)$", k)}
+    timing = re.compile(r"(runtime|per_second|preparation_time)$")
+    return {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and not timing.search(k)}
 
 
 def evaluation_history(trainer: Trainer) -> list[dict]:
@@ -120,10 +121,11 @@ def pruning_summary(report: PruneReport, process_index: int) -> str:
 
 
 def tolerance_summary(search) -> str:
-    kept = next((c for c in search.candidates if c.total_rank == search.kept), None)
+    kept = search.kept_candidate()
     where = "unpruned" if kept is None else f"{kept.parameters} parameters, {kept.score:.2f} points"
-    return (f"tolerance search: {len(search.candidates)} candidates; kept total rank {search.kept} of {search.full_rank} "
-            f"({where}) against {search.reference:.2f} unpruned" + ("" if search.within else "; none was within the tolerance"))
+    capped = "" if search.within else "; none was within the tolerance"
+    return (f"tolerance search: {len(search.candidates)} candidates; kept total rank {search.kept} of "
+            f"{search.full_rank} ({where}) against {search.reference:.2f} unpruned{capped}")
 
 
 class RunRecorder(StageCallback):
@@ -131,7 +133,8 @@ class RunRecorder(StageCallback):
     adapter before retraining, AdaLoRA's budget callback, and the tolerance search's plot."""
 
     def __init__(self, method_args: MethodArguments, make_trainer, output_dir: str, stages: list[Stage]):
-        self.method_args, self.make_trainer, self.output_dir, self.stages = method_args, make_trainer, output_dir, stages
+        self.method_args, self.make_trainer = method_args, make_trainer
+        self.output_dir, self.stages = output_dir, stages
         self.summaries, self.trainer, self.started = None, None, 0.0
 
     def on_stage_begin(self, stage, trainer, resume):

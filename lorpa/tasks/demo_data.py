@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir")
     parser.add_argument("--kind", choices=("reviews", "summaries"), default="reviews",
                         help="reviews: SST-2 schema (sentence, label); summaries: XSum schema (document, summary)")
-    parser.add_argument("--n_train", type=int, default=None, help=f"default {N_TRAIN} reviews, {N_SUMMARY_TRAIN} articles")
+    parser.add_argument("--n_train", type=int, default=None,
+                        help=f"default {N_TRAIN} reviews, {N_SUMMARY_TRAIN} articles")
     parser.add_argument("--n_validation", type=int, default=None,
                         help=f"default {N_VALIDATION} reviews, {N_SUMMARY_VALIDATION} articles")
     parser.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,8 @@ class GlueDataArguments:
         default=None,
         metadata={
             "help": "Folder of local copies in the hub's schema, read instead of the hub: "
-            "DATA_DIR/glue/<task>/train.jsonl and <validation split>.jsonl (MNLI: validation_matched, validation_mismatched)"
+            "DATA_DIR/glue/<task>/train.jsonl and <validation split>.jsonl "
+            "(MNLI: validation_matched, validation_mismatched)"
         },
     )
     train_file: str | None = field(default=None, metadata={"help": "Local CSV/TSV/JSON Lines file instead of the hub"})
@@ -35,7 +36,9 @@ class GlueDataArguments:
         default=False, metadata={"help": "Pad every batch to max_seq_length instead of its longest sequence"}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N rows of each eval split"})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N rows of each eval split"}
+    )
     max_predict_samples: int | None = field(default=None, metadata={"help": "Predict only the first N test rows"})
     selection_split_percentage: float | None = field(
         default=None,
@@ -54,7 +57,8 @@ class GlueDataArguments:
             raise InputError(f"--max_seq_length must be positive, got {self.max_seq_length}")
         check_sample_limits(self)
         if self.selection_split_percentage is not None and not 0 < self.selection_split_percentage < 100:
-            raise InputError(f"--selection_split_percentage must be in (0, 100), got {self.selection_split_percentage}")
+            raise InputError("--selection_split_percentage must be in (0, 100), "
+                             f"got {self.selection_split_percentage}")
         if self.data_dir is not None and not self.train_file:
             self._use_data_dir()
         local = (self.train_file, self.validation_file)
@@ -89,7 +93,8 @@ def _local_files(args: GlueDataArguments) -> dict[str, str]:
 def _file_flags(args: GlueDataArguments) -> dict[str, str]:
     """The flag that named each local file, for the error when one is missing."""
     if args.data_dir is not None:
-        return dict.fromkeys(("train", *args.task.eval_splits, "test"), f"--data_dir {args.data_dir}") | {"test": "--test_file"}
+        return (dict.fromkeys(("train", *args.task.eval_splits, "test"), f"--data_dir {args.data_dir}")
+                | {"test": "--test_file"})
     eval_flags = ("--validation_file", "--validation_mismatched_file")
     return {"train": "--train_file", **dict(zip(args.task.eval_splits, eval_flags)), "test": "--test_file"}
 
@@ -106,7 +111,8 @@ def check_labels(dataset, task: GlueTask, path: str) -> None:
     labels = dataset["label"]
     if not task.is_regression and Path(path).is_file() and any(isinstance(label, float) for label in labels):
         # One non-integer value made the whole column float: name the row that has it, not row 1.
-        row, label = next(((i, v) for i, v in enumerate(raw_values(path, "label")) if not _is_class_id(v)), (0, labels[0]))
+        row, label = next(((i, v) for i, v in enumerate(raw_values(path, "label")) if not _is_class_id(v)),
+                          (0, labels[0]))
         raise InputError(f"{path}: row {row + 1} has label {label!r}; {task.name} expects a class id in "
                          f"0..{task.num_labels - 1}")
     for row, label in enumerate(labels):
@@ -131,7 +137,9 @@ def load_glue(args: GlueDataArguments, cache_dir: str | None = None) -> DatasetD
         try:
             splits = load_dataset("nyu-mll/glue", task.name, cache_dir=cache_dir)
         except Exception as error:  # offline, hub errors: several exception types
-            raise InputError(f"could not load dataset glue/{task.name}: {str(error).strip().splitlines()[0]}") from error
+            raise InputError(
+                f"could not load dataset glue/{task.name}: {str(error).strip().splitlines()[0]}"
+            ) from error
         splits = DatasetDict({split: splits[split] for split in files})
     for split, dataset in splits.items():
         if split == "test":  # GLUE test sets carry label -1: they are predicted, never scored

@@ -158,7 +158,8 @@ def load_summarization(
         files = {"train": args.train_file, "validation": args.validation_file}
         if args.test_file:
             files["test"] = args.test_file
-        splits = DatasetDict({split: read_data_file(path, cache_dir, f"--{split}_file") for split, path in files.items()})
+        splits = DatasetDict({split: read_data_file(path, cache_dir, f"--{split}_file")
+                              for split, path in files.items()})
     else:
         hub = HUB_DATASETS[args.dataset_name]
         names = ("train", "validation", "test") if with_test else ("train", "validation")

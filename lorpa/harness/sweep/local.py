@@ -98,7 +98,8 @@ def run_cells(cells: list[Cell], *, parallel: int, nproc: int, gpus: int, cwd: P
                 cell = next_cell(waiting, [cell for cell, *_ in running.values()]) if slot not in running else None
                 if cell is not None:
                     waiting.remove(cell)
-                    process, thread = start(cell, nproc, env={**os.environ, **slots[slot]}, echo=parallel == 1, cwd=cwd)
+                    process, thread = start(cell, nproc, env={**os.environ, **slots[slot]}, echo=parallel == 1,
+                                            cwd=cwd)
                     running[slot] = (cell, process, thread, time.monotonic())
                     print(progress.line(cell, f"start {cell.name}, log {cell.log}", len(waiting), len(running)),
                           flush=True)

@@ -13,15 +13,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ..arguments import MethodArguments
+from ..arguments import PRUNE_FLAGS, STAGE_FLAGS, MethodArguments
 from .cells import Cell
 
 # Flags that only decide what happens after stage 1, or whether it is trained here.
-AFTER_STAGE1_KEYS = frozenset({
-    "method", "stage1_ratio", "stage2_epochs", "stage2_steps", "stage1_adapter", "prune_schedule", "prune_target_rank",
-    "prune_ratio", "prune_energy", "prune_tolerance", "prune_max_rank", "prune_rank_multiple", "prune_score", "prune_scope", "pruned_alpha", "rewind", "svd_split", "global_norm",
-    "sensitivity_beta", "min_rank", "calibration_batches", "calibration_tokens",
-})
+AFTER_STAGE1_KEYS = frozenset({"method", "stage1_adapter", *PRUNE_FLAGS.values(), *STAGE_FLAGS})
 METHOD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(MethodArguments)}
 
 
@@ -30,7 +26,8 @@ def trains_a_lora_stage1(values: dict) -> bool:
     during it for the prune (the init snapshot of rewind=init, the tracked sensitivity)."""
     values = {**METHOD_DEFAULTS, **values}
     return (values["method"] == "lorpa" and values["stage1_ratio"] == 1 and values["prune_schedule"] is None
-            and values["stage1_adapter"] is None and values["rewind"] != "init" and values["prune_score"] != "sensitivity")
+            and values["stage1_adapter"] is None and values["rewind"] != "init"
+            and values["prune_score"] != "sensitivity")
 
 
 def link_stage1_runs(cells: list[Cell], values_of: Callable[[Path], dict]) -> None:

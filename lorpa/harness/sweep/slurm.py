@@ -26,7 +26,8 @@ def import_submitit():
     try:
         import submitit
     except ImportError:
-        raise InputError("--launcher slurm needs submitit: pip install 'lorpa[slurm]' (or pip install submitit)") from None
+        raise InputError("--launcher slurm needs submitit: pip install 'lorpa[slurm]' "
+                         "(or pip install submitit)") from None
     return submitit
 
 

@@ -21,13 +21,16 @@ class ClmModelArguments:
     )
     load_in_4bit: bool = field(
         default=False,
-        metadata={"help": "QLoRA: load the base model in 4 bits with bitsandbytes (pip install 'lorpa[qlora]'); LoRA trains "
-                          "on top in float32"},
+        metadata={"help": "QLoRA: load the base model in 4 bits with bitsandbytes (pip install 'lorpa[qlora]'); "
+                          "LoRA trains on top in float32"},
     )
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the base model in 8 bits with bitsandbytes"})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": f"4-bit data type, one of {', '.join(QUANT_TYPES)} (the QLoRA paper: nf4)"})
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": f"4-bit data type, one of {', '.join(QUANT_TYPES)} (the QLoRA paper: nf4)"}
+    )
     bnb_4bit_use_double_quant: bool = field(
-        default=True, metadata={"help": "Quantise the 4-bit quantisation constants too (the QLoRA paper's double quantisation)"}
+        default=True,
+        metadata={"help": "Quantise the 4-bit quantisation constants too (the QLoRA paper's double quantisation)"},
     )
     bnb_4bit_compute_dtype: str = field(
         default="bfloat16", metadata={"help": "dtype the 4-bit layers compute in (the QLoRA paper: bfloat16)"}
@@ -45,10 +48,11 @@ class ClmModelArguments:
         if self.load_in_4bit and self.load_in_8bit:
             raise InputError("give --load_in_4bit or --load_in_8bit, not both")
         if self.bnb_4bit_quant_type not in QUANT_TYPES:
-            raise InputError(f"unknown --bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
+            raise InputError(f"unknown --bnb_4bit_quant_type {self.bnb_4bit_quant_type!r}; "
+                             f"choose one of {', '.join(QUANT_TYPES)}")
         if self.bnb_4bit_compute_dtype not in DTYPES or self.bnb_4bit_compute_dtype == "auto":
-            raise InputError(f"unknown --bnb_4bit_compute_dtype {self.bnb_4bit_compute_dtype!r}; choose one of float32, "
-                             "bfloat16, float16")
+            raise InputError(f"unknown --bnb_4bit_compute_dtype {self.bnb_4bit_compute_dtype!r}; "
+                             "choose one of float32, bfloat16, float16")
 
     @property
     def dtype(self):
@@ -59,7 +63,8 @@ class ClmModelArguments:
         return self.load_in_4bit or self.load_in_8bit
 
     def quantization_config(self):
-        """transformers' BitsAndBytesConfig for the flags, or None; a missing bitsandbytes is one line naming the extra."""
+        """transformers' BitsAndBytesConfig for the flags, or None; a missing bitsandbytes is one line naming
+        the extra."""
         if not self.quantized:
             return None
         try:

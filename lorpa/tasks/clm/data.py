@@ -67,22 +67,29 @@ class ClmDataArguments:
         default=None, metadata={"help": "Prompt column of the training data (default: the dataset's, else 'prompt')"}
     )
     response_column: str | None = field(
-        default=None, metadata={"help": "Response column of the training data (default: the dataset's, else 'response')"}
+        default=None,
+        metadata={"help": "Response column of the training data (default: the dataset's, else 'response')"},
     )
     eval_prompt_column: str | None = field(
-        default=None, metadata={"help": "Prompt column of the evaluation data (default: its dataset's, else --prompt_column)"}
+        default=None,
+        metadata={"help": "Prompt column of the evaluation data (default: its dataset's, else --prompt_column)"},
     )
     eval_response_column: str | None = field(
         default=None,
         metadata={"help": "Reference column of the evaluation data (default: its dataset's, else --response_column)"},
     )
     prompt_template: str | None = field(
-        default=None, metadata={"help": "Text around each prompt, with {prompt} where it goes, e.g. 'Question: {prompt}\\nAnswer:'"}
+        default=None,
+        metadata={"help": "Text around each prompt, with {prompt} where it goes, "
+                          "e.g. 'Question: {prompt}\\nAnswer:'"},
     )
     use_chat_template: bool = field(
-        default=True, metadata={"help": "Format prompts as a user turn of the tokenizer's chat template, if it has one"}
+        default=True,
+        metadata={"help": "Format prompts as a user turn of the tokenizer's chat template, if it has one"},
     )
-    max_seq_length: int = field(default=1024, metadata={"help": "Prompt + response tokens; prompts are cut from the left"})
+    max_seq_length: int = field(
+        default=1024, metadata={"help": "Prompt + response tokens; prompts are cut from the left"}
+    )
     drop_overlong: bool = field(
         default=True,
         metadata={"help": "Drop (and count) rows whose response does not fit in --max_seq_length; false: refuse them"},
@@ -109,7 +116,8 @@ class ClmDataArguments:
         if not (self.eval_dataset_name or self.validation_file):
             raise InputError("give --validation_file or --eval_dataset_name for the evaluation data")
         if self.prompt_template is not None and PROMPT_FIELD not in self.prompt_template:
-            raise InputError(f"--prompt_template must contain {PROMPT_FIELD} where the prompt goes, got {self.prompt_template!r}")
+            raise InputError(f"--prompt_template must contain {PROMPT_FIELD} where the prompt goes, "
+                             f"got {self.prompt_template!r}")
         for flag in ("max_seq_length", "generation_max_new_tokens"):
             if getattr(self, flag) < 1:
                 raise InputError(f"--{flag} must be positive, got {getattr(self, flag)}")
@@ -118,27 +126,32 @@ class ClmDataArguments:
         self.eval_dataset_config_name = self.eval_dataset_config_name or (evaluation.config if evaluation else None)
         self.prompt_column = self.prompt_column or (train.prompt_column if train else "prompt")
         self.response_column = self.response_column or (train.response_column if train else "response")
-        self.eval_prompt_column = self.eval_prompt_column or (evaluation.prompt_column if evaluation else self.prompt_column)
+        self.eval_prompt_column = self.eval_prompt_column or (
+            evaluation.prompt_column if evaluation else self.prompt_column
+        )
         self.eval_response_column = self.eval_response_column or (
             evaluation.response_column if evaluation else self.response_column
         )
         if self.eval_split is None and self.eval_dataset_name is not None:
             if evaluation is not None and evaluation.eval_split is None:
-                raise InputError(f"{self.eval_dataset_name} has no held-out split; pass --eval_dataset_name (e.g. gsm8k)")
+                raise InputError(f"{self.eval_dataset_name} has no held-out split; "
+                                 "pass --eval_dataset_name (e.g. gsm8k)")
             self.eval_split = evaluation.eval_split if evaluation else "validation"
 
     def _use_data_dir(self) -> None:
         """Local GSM8K copies replace the hub's wherever GSM8K is asked for, or where no data is named."""
         folder = Path(self.data_dir, "gsm8k")
         if not folder.is_dir():
-            raise InputError(f"--data_dir {self.data_dir}: no folder {folder} (expected gsm8k/train.jsonl and test.jsonl)")
+            raise InputError(f"--data_dir {self.data_dir}: no folder {folder} "
+                             "(expected gsm8k/train.jsonl and test.jsonl)")
 
         def is_gsm8k(name):
             return name is None or (name in KNOWN_DATASETS and KNOWN_DATASETS[name].path == GSM8K_PATH)
 
         if not self.train_file and is_gsm8k(self.dataset_name):
             self.train_file, self.dataset_name = str(folder / "train.jsonl"), None
-            self.prompt_column, self.response_column = self.prompt_column or "question", self.response_column or "answer"
+            self.prompt_column, self.response_column = (self.prompt_column or "question",
+                                                        self.response_column or "answer")
         if not self.validation_file and is_gsm8k(self.eval_dataset_name):
             self.validation_file, self.eval_dataset_name, self.eval_task = str(folder / "test.jsonl"), None, "gsm8k"
             self.eval_prompt_column = self.eval_prompt_column or "question"
@@ -150,7 +163,9 @@ def _load_hub(name: str, config: str | None, split: str, cache_dir: str | None) 
     try:
         return load_dataset(path, config, split=split, cache_dir=cache_dir)
     except Exception as error:  # offline, unknown config or split, hub errors: several exception types
-        raise InputError(f"could not load split {split!r} of dataset {path}: {str(error).strip().splitlines()[0]}") from error
+        raise InputError(
+            f"could not load split {split!r} of dataset {path}: {str(error).strip().splitlines()[0]}"
+        ) from error
 
 
 def load_prompt_data(args: ClmDataArguments, cache_dir: str | None = None) -> dict[str, Dataset]:

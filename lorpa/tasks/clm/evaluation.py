@@ -65,7 +65,8 @@ class GenerationEvalTrainer(Trainer):
         with merged_adapters(model):
             for start in range(0, len(mine), self.args.per_device_eval_batch_size):
                 chunk = mine[start : start + self.args.per_device_eval_batch_size]
-                batch = {k: v.to(self.args.device) for k, v in left_padded([self.prompts[i] for i in chunk], self.pad_token_id).items()}
+                batch = {k: v.to(self.args.device)
+                         for k, v in left_padded([self.prompts[i] for i in chunk], self.pad_token_id).items()}
                 generated = model.generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
                 texts = self.processing_class.batch_decode(generated, skip_special_tokens=True)
                 answers.update(zip(chunk, (text.strip() for text in texts)))
