@@ -11,7 +11,7 @@ in this process (median of --repeats); peak memory is measured per variant in fr
 (VmHWM above the RSS after imports, so memory-mapped input pages count), --memory_runs times,
 since glibc's heap may keep freed blocks from run to run differently (min-max is printed).
 
-    python benchmarks/prune_adapter.py [--dtype fp32|bf16] [--repeats 3]
+    python benchmarks/prune_adapter.py [--dtype fp32|bf16] [--score svd|magnitude] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def write_adapter(folder: Path, args) -> int:
 
 
 def run_prune(adapter: Path, output: Path, args, scope: str) -> None:
-    prune_saved_adapter(adapter, output, target_rank=args.target_rank, scope=scope)
+    prune_saved_adapter(adapter, output, target_rank=args.target_rank, scope=scope, score=args.score)
 
 
 def run_io_floor(adapter: Path, output: Path, args, scope: str) -> None:
@@ -133,13 +133,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     adapter_arguments(parser)
     parser.add_argument("--target_rank", type=int, default=8)
+    parser.add_argument("--score", default="svd", help="the prune's score (svd: the command's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory_runs", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     with written_adapter(args) as (root, adapter, modules, contents):
-        print(f"adapter: {modules} -> {args.target_rank}, {contents}; "
+        print(f"adapter: {modules} -> {args.target_rank} ({args.score} score), {contents}; "
               f"threads={torch.get_num_threads()}, median of {args.repeats} interleaved runs")
         memory = {variant: [measure_memory(variant, adapter, args) for _ in range(args.memory_runs)]
                   for variant in VARIANTS}

@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -230,8 +231,8 @@ class AdapterFolder:
         return self.weights.get(module.key_A), self.weights.get(module.key_B)
 
     def module_factors(self) -> dict[str, ModuleFactors]:
-        """Every module as the plan reads it (the factors in memory: the adapter's size, never the model's)."""
-        return {name: ModuleFactors(*self.factors(name), module.alpha, self.use_rslora)
+        """Every module as the plan reads it: its tensors are read from the file when the plan asks for them."""
+        return {name: ModuleFactors(partial(self.factors, name), module.rank, module.alpha, self.use_rslora)
                 for name, module in self.modules.items()}
 
 
@@ -264,6 +265,7 @@ def write_pruned_adapter(adapter: AdapterFolder, plan: PrunePlan, output_dir: Pa
     report, `extra_files` ({name: text}) and every other file of the input folder, written in a staging folder
     beside `output_dir` and renamed into place."""
     weights, extra_files = adapter.weights, extra_files or {}
+    cut = lru_cache(maxsize=1)(plan.factors)  # a module's A and B are written one after the other: one cut
     factor_of = {m.key_A: (name, 0) for name, m in adapter.modules.items()}
     factor_of |= {m.key_B: (name, 1) for name, m in adapter.modules.items()}
 
@@ -272,8 +274,9 @@ def write_pruned_adapter(adapter: AdapterFolder, plan: PrunePlan, output_dir: Pa
         if key not in factor_of:
             return key, weights.dtypes[key], weights.shapes[key], lambda: weights.get(key)
         name, dim = factor_of[key]
-        tensor = plan.factors[name][dim]
-        return key, tensor.dtype, tuple(tensor.shape), lambda: tensor
+        shape = list(weights.shapes[key])
+        shape[dim] = len(plan.report.modules[name].kept)
+        return key, weights.dtypes[key], tuple(shape), lambda: cut(name)[dim]
 
     written = {CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, PRUNE_REPORT_FILE, TOLERANCE_FILE, *extra_files}
     staging = staging_folder(output_dir, "tmp")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .budgets import choose
+from .budgets import choose, module_counts
 from .errors import InputError
 from .lowrank import kept_error, output_error, relative_error, weight_gram
 from .options import ROTATED_SCORES, PruneOptions
@@ -30,19 +31,22 @@ def scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 @dataclass
 class ModuleFactors:
-    """One LoRA module as the plan reads it: its factors and alpha, and what training recorded on it."""
+    """One LoRA module as the plan reads it: its rank and alpha, its factors (read when the plan asks for them, so
+    an adapter read from files is in memory one module at a time), and what training recorded on it."""
 
-    lora_A: torch.Tensor  # r × in
-    lora_B: torch.Tensor  # out × r
+    read: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (A: r × in, B: out × r)
+    rank: int
     alpha: float
     use_rslora: bool = False
     calibration: object | None = None  # `lorpa.calibrate`'s record: .gram (r × r) and .tokens
     sensitivity: torch.Tensor | None = None  # `SensitivityCallback`'s moving average, one value per component
     initial: tuple[torch.Tensor, torch.Tensor] | None = None  # injection-time (A, B), for rewind="init"
 
-    @property
-    def rank(self) -> int:
-        return self.lora_A.shape[0]
+    @classmethod
+    def of(cls, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float, use_rslora: bool = False,
+           **recorded) -> ModuleFactors:
+        """A module whose factors are in memory."""
+        return cls(lambda: (lora_A, lora_B), lora_A.shape[0], alpha, use_rslora, **recorded)
 
     @property
     def scaling(self) -> float:
@@ -118,13 +122,24 @@ class ScoredModule:
 
 @dataclass
 class PrunePlan:
+    """What a prune keeps: the report (kept components, ranks, alphas, errors), and each module's new factors, cut
+    when asked for (`factors`), so that a writer holds one module's at a time."""
+
     report: PruneReport
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # every module's new (A, B)
+    scored: dict[str, ScoredModule]
+    options: PruneOptions
+    cut: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # the factors cut so far
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's new (A, B): kept if the report's errors needed them, else cut now and not kept."""
+        if name in self.cut:
+            return self.cut[name]
+        return cut(self.scored[name], torch.tensor(self.report.modules[name].kept, dtype=torch.long), self.options)
 
 
-def component_scores(name: str, module: ModuleFactors, options: PruneOptions) -> tuple[torch.Tensor, Rotation | None]:
+def component_scores(name: str, module: ModuleFactors, options: PruneOptions, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor) -> tuple[torch.Tensor, Rotation | None]:
     """One module's scores, float32 on the CPU, and its rotation for a rotated score."""
-    lora_A, lora_B = module.lora_A, module.lora_B
     if options.score in ROTATED_SCORES:
         rotation = rotate(options.score, lora_A, lora_B, module.scaling, module.calibration, options.svd_split)
         return rotation.ranking(options.global_norm if options.scope == "global" else "absolute"), rotation
@@ -139,26 +154,47 @@ def component_scores(name: str, module: ModuleFactors, options: PruneOptions) ->
     return values.float().cpu(), None
 
 
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no infinity in `tensor`: one sum decides for almost every tensor (a finite sum has no NaN or inf
+    in it); only when the sum is not finite (overflow, or a bad value) is every element checked."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_finite(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> str | None:
     """What is wrong with a module whose factors hold NaN or infinite values (None if nothing)."""
-    bad = [factor for factor, tensor in (("lora_A", lora_A), ("lora_B", lora_B)) if not torch.isfinite(tensor).all()]
+    bad = [factor for factor, tensor in (("lora_A", lora_A), ("lora_B", lora_B)) if not finite(tensor)]
     return None if not bad else f"{name}: {' and '.join(bad)} hold NaN or infinite values"
 
 
-def score_modules(modules: dict[str, ModuleFactors], options: PruneOptions) -> dict[str, ScoredModule]:
-    """Every module scored once; any number of budgets can then be chosen and cut from the result. A module whose
-    factors are not finite (a diverged run, a damaged file) is refused by name."""
+def most_kept(name: str, scores: torch.Tensor, options: PruneOptions) -> int:
+    """The most components of the module any cut under `options` can keep: the module-scope count, else its cap."""
+    if options.scope == "module" and options.budgets() and options.tolerance is None:
+        return module_counts({name: scores}, options)[name]
+    return options.bounds(len(scores))[1]
+
+
+def score_modules(modules: dict[str, ModuleFactors], options: PruneOptions,
+                  trim: bool = False) -> dict[str, ScoredModule]:
+    """Every module scored once, reading its factors once; any number of budgets can then be chosen and cut from
+    the result. `trim`: a rotated module keeps only the leading components a cut under `options` can keep, so that
+    the rotated adapter is not held whole where the scope says how many that is. A module whose factors are not
+    finite (a diverged run, a damaged file) is refused by name."""
     scored = {}
     for name, module in modules.items():
-        problem = check_finite(name, module.lora_A, module.lora_B)
+        lora_A, lora_B = module.read()
+        problem = check_finite(name, lora_A, lora_B)
         if problem is not None:
             raise InputError(f"{problem}; such an adapter cannot be pruned (retrain it, or prune an earlier "
                              "checkpoint)")
-        scores, rotation = component_scores(name, module, options)
+        scores, rotation = component_scores(name, module, options, lora_A, lora_B)
         if rotation is not None:
             gram = rotation.weight_energy
         else:
-            gram = weight_gram(module.lora_A, module.lora_B) if options.rewind == "none" else None
+            gram = weight_gram(lora_A, lora_B) if options.rewind == "none" else None
+        if rotation is not None and trim:  # its amplitudes descend: a cut keeps a prefix of its components
+            kept = most_kept(name, scores, options)
+            rotation = replace(rotation, lora_A=rotation.lora_A[:kept].clone(),
+                               lora_B=rotation.lora_B[:, :kept].clone())
         scored[name] = ScoredModule(module, scores, rotation, gram)
     return scored
 
@@ -184,13 +220,13 @@ def pruned_alpha(module: ModuleFactors, new_rank: int, alpha) -> float:
 def cut(module: ScoredModule, kept: torch.Tensor, options: PruneOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept components' factors: of the rotated update, of the injection-time values (rewind) or as stored;
     folded, B carries the module's scaling."""
-    lora_A, lora_B = module.factors.lora_A, module.factors.lora_B
     if module.rotation is not None:
         source_A, source_B = module.rotation.lora_A, module.rotation.lora_B
     elif options.rewind == "init":
+        lora_A = module.factors.read()[0]
         source_A, source_B = (t.to(device=lora_A.device, dtype=lora_A.dtype) for t in module.factors.initial)
     else:
-        source_A, source_B = lora_A, lora_B
+        source_A, source_B = module.factors.read()
     index = kept.to(source_A.device)
     new_A, new_B = source_A.detach()[index].clone(), source_B.detach()[:, index].clone()
     if options.alpha == "fold":
@@ -207,19 +243,20 @@ def build_plan(scored: dict[str, ScoredModule], options: PruneOptions, kept: dic
                          svd_split=options.svd_split if options.score == "svd" else None,
                          global_norm=options.global_norm if rotated and options.scope == "global" else None,
                          folded=folded)
-    factors = {}
+    plan = PrunePlan(report, scored, options)
     for name, module in scored.items():
         before = module.factors
         indices = torch.sort(kept[name]).values
-        new_A, new_B = cut(module, indices, options)
         new_alpha = pruned_alpha(before, len(indices), options.alpha)
         new_scale = scaling(new_alpha, len(indices), before.use_rslora and not folded)
+        calibration = before.calibration
+        if module.error_gram is None or calibration is not None:  # these errors need the new factors themselves
+            plan.cut[name] = cut(module, indices, options)
         if module.error_gram is None:
-            weight_error = relative_error((before.lora_A, before.lora_B, before.scaling), (new_A, new_B, new_scale))
+            weight_error = relative_error((*before.read(), before.scaling), (*plan.cut[name], new_scale))
         else:  # folded: the scaling went into B
             kept_scale = before.scaling if folded else new_scale
             weight_error = kept_error(module.error_gram, indices, before.scaling, kept_scale)
-        calibration = before.calibration
         report.modules[name] = ModulePruning(
             old_rank=before.rank,
             new_rank=len(indices),
@@ -229,15 +266,15 @@ def build_plan(scored: dict[str, ScoredModule], options: PruneOptions, kept: dic
             scores=module.scores.tolist(),
             relative_error=weight_error,
             output_error=None if calibration is None else output_error(
-                (before.lora_A, before.lora_B, before.scaling), (new_A, new_B, new_scale), calibration.gram),
+                (*before.read(), before.scaling), (*plan.cut[name], new_scale), calibration.gram),
         )
-        factors[name] = (new_A, new_B)
-    return PrunePlan(report, factors)
+    return plan
 
 
 def plan_prune(modules: dict[str, ModuleFactors], options: PruneOptions) -> PrunePlan:
-    """Score, choose and cut in one step (one process; `lorpa.prune` adds the agreement between processes)."""
-    scored = score_modules(modules, options)
+    """Score, choose and cut in one step, holding one module's factors at a time (one process; `lorpa.prune` adds
+    the agreement between processes)."""
+    scored = score_modules(modules, options, trim=True)
     return build_plan(scored, options, choose_kept(scored, options))
 
 

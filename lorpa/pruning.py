@@ -84,9 +84,10 @@ def live_modules(layers: dict, adapter_name: str) -> dict[str, ModuleFactors]:
         calibration = layer_calibration(layer, adapter_name)
         if calibration is not None and calibration.gram.shape[0] != lora_A.shape[0]:
             calibration = None  # recorded before an earlier prune: it describes another A
-        modules[name] = ModuleFactors(lora_A, lora_B, layer.lora_alpha[adapter_name],
-                                      layer.use_rslora.get(adapter_name, False), calibration,
-                                      tracked_sensitivity(layer, adapter_name), init_snapshot(layer, adapter_name))
+        modules[name] = ModuleFactors.of(lora_A, lora_B, layer.lora_alpha[adapter_name],
+                                         layer.use_rslora.get(adapter_name, False), calibration=calibration,
+                                         sensitivity=tracked_sensitivity(layer, adapter_name),
+                                         initial=init_snapshot(layer, adapter_name))
     return modules
 
 
@@ -110,7 +111,7 @@ def _agree_on_kept(kept: dict[str, torch.Tensor], scored: dict[str, ScoredModule
         mask = torch.zeros(scored[name].factors.rank, dtype=torch.uint8)
         mask[indices] = 1
         masks.append(mask)
-    flat = torch.cat(masks).to(next(iter(scored.values())).factors.lora_A.device)
+    flat = torch.cat(masks).to(next(iter(scored.values())).factors.read()[0].device)
     dist.broadcast(flat, src=0)
     flat = flat.cpu().bool()
     agreed, start = {}, 0
@@ -141,7 +142,7 @@ def apply_plan(model: PeftModel, adapter_name: str, modules: dict[str, ModuleFac
         module, pruning = modules[name], report.modules[name]
         kept = torch.tensor(pruning.kept, dtype=torch.long)
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-        new_A, new_B = plan.factors[name]
+        new_A, new_B = plan.factors(name)
         lora_A.weight = nn.Parameter(new_A, requires_grad=lora_A.weight.requires_grad)
         lora_B.weight = nn.Parameter(new_B, requires_grad=lora_B.weight.requires_grad)
         lora_A.out_features = lora_B.in_features = len(kept)
@@ -230,10 +231,11 @@ def apply_prune_report(model: nn.Module, report: PruneReport, adapter_name: str 
             raise InputError(f"{name} has rank {layer.r[adapter_name]}; the prune report started from "
                              f"{report.modules[name].old_rank}")
     modules = live_modules(layers, adapter_name)
-    plan = PrunePlan(report, {})
+    plan = PrunePlan(report, {}, PruneOptions())
     for name, module in modules.items():
         kept = torch.tensor(report.modules[name].kept, dtype=torch.long)
-        plan.factors[name] = (module.lora_A.detach()[kept].clone(), module.lora_B.detach()[:, kept].clone())
+        lora_A, lora_B = module.read()
+        plan.cut[name] = (lora_A.detach()[kept].clone(), lora_B.detach()[:, kept].clone())
     apply_plan(model, adapter_name, modules, plan)
 
 
@@ -246,5 +248,5 @@ def rank_scores(model: nn.Module, score: str = "magnitude", *, seed: int | None 
     adapter_name = resolve_adapter(model, adapter_name)
     layers = lora_layers(model, adapter_name)
     check_layers(layers, adapter_name, options)
-    return {name: component_scores(name, module, options)[0]
+    return {name: component_scores(name, module, options, *module.read())[0]
             for name, module in live_modules(layers, adapter_name).items()}

@@ -130,7 +130,7 @@ def prune_saved_adapter_to_tolerance(adapter_dir: str | os.PathLike, output_dir:
     adapter = AdapterFolder(adapter_dir)
     shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
     ranks = {name: m.rank for name, m in adapter.modules.items()}
-    scored = score_modules(adapter.module_factors(), options)
+    scored = score_modules(adapter.module_factors(), options, trim=True)
 
     def plan(components: int):
         budget = options.at_total(components)
