@@ -29,6 +29,7 @@ from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArg
 from lorpa.harness.flags import parse_args
 from lorpa.harness.loading import load_pretrained
 from lorpa.harness.outputs import check_run_arguments
+from lorpa.harness.publish import publish
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.harness.training import train_stages
 from lorpa.tasks.clm.arguments import ClmModelArguments
@@ -150,6 +151,7 @@ def main(argv=None):
                   f"dtype {clm_args.torch_dtype}; the quantised weights were not merged into)")
         elif clm_args.merge_final:
             print(f"merged model: {save_merged(outcome.model, Path(output_dir, MERGED_DIR), tokenizer)}")
+    publish(outcome, method_args, training_args, "run_clm.py")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArg
 from lorpa.harness.flags import parse_args
 from lorpa.harness.loading import load_model, load_pretrained
 from lorpa.harness.outputs import check_run_arguments
+from lorpa.harness.publish import publish
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.harness.training import train_stages
 from lorpa.tasks.glue import (
@@ -142,6 +143,7 @@ def main(argv=None):
             config=run_config(config_path, training_args, model_args, data_args, method_args),
         )
         print(f"results: {write_results(training_args.output_dir, record)}")
+    publish(outcome, method_args, training_args, "run_glue.py")
 
 
 if __name__ == "__main__":

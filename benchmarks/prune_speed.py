@@ -41,6 +41,7 @@ from peft import LoraConfig, convert_to_lora, get_peft_model
 from torch import nn
 
 import lorpa
+import lorpa.plan
 from lorpa.calibration import CALIBRATION_ATTR, LayerCalibration
 from lorpa.layers import lora_layers
 
@@ -135,13 +136,13 @@ def lorpa_kept(score: str):
 def without_error_measure(m):
     """lorpa.prune magnitude with the report's relative_error (the r0 x r0 Gram matrices of A and B per
     module, which the authors' code does not compute) left out: what choosing and cutting alone cost."""
-    gram, error = lorpa.pruning.weight_gram, lorpa.pruning.kept_error
-    lorpa.pruning.weight_gram = lambda lora_A, lora_B: torch.zeros(1)
-    lorpa.pruning.kept_error = lambda *args: 0.0
+    gram, error = lorpa.plan.weight_gram, lorpa.plan.kept_error
+    lorpa.plan.weight_gram = lambda lora_A, lora_B: torch.zeros(1)
+    lorpa.plan.kept_error = lambda *args: 0.0
     try:
         return lorpa_kept("magnitude")(m)
     finally:
-        lorpa.pruning.weight_gram, lorpa.pruning.kept_error = gram, error
+        lorpa.plan.weight_gram, lorpa.plan.kept_error = gram, error
 
 
 def tied_modules(model) -> int:

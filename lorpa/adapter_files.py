@@ -14,7 +14,9 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .card import CARD_FILE
 from .errors import InputError
 from .options import FILE_SCORES, PruneOptions, resolve
 from .plan import ModuleFactors, PrunePlan, PruneReport, config_changes
@@ -232,8 +235,22 @@ class AdapterFolder:
 
     def module_factors(self) -> dict[str, ModuleFactors]:
         """Every module as the plan reads it: its tensors are read from the file when the plan asks for them."""
-        return {name: ModuleFactors(partial(self.factors, name), module.rank, module.alpha, self.use_rslora)
-                for name, module in self.modules.items()}
+        return ReadWithProgress({name: ModuleFactors(partial(self.factors, name), module.rank, module.alpha,
+                                                     self.use_rslora) for name, module in self.modules.items()})
+
+
+def progress(items, what: str, unit: str = "module"):
+    """`items` with a progress bar on a terminal (stderr), and nothing in a log."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit=unit, leave=False, disable=not sys.stderr.isatty())
+
+
+class ReadWithProgress(dict):
+    """A {module: ModuleFactors} mapping whose iteration shows reading progress on a terminal."""
+
+    def items(self):
+        return progress(super().items(), "reading", unit="module")
 
 
 def write_safetensors(path: Path, tensors, metadata: dict[str, str]) -> None:
@@ -251,7 +268,7 @@ def write_safetensors(path: Path, tensors, metadata: dict[str, str]) -> None:
     with open(path, "wb") as stream:
         stream.write(len(encoded).to_bytes(8, "little"))
         stream.write(encoded)
-        for key, dtype, shape, produce in tensors:
+        for key, dtype, shape, produce in progress(tensors, "writing", unit="tensor"):
             tensor = produce().contiguous()
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise RuntimeError(f"{key}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} "
@@ -260,11 +277,12 @@ def write_safetensors(path: Path, tensors, metadata: dict[str, str]) -> None:
 
 
 def write_pruned_adapter(adapter: AdapterFolder, plan: PrunePlan, output_dir: Path, config: dict,
-                         extra_files: dict[str, str] | None = None) -> None:
+                         describe: Callable[[Path], dict[str, str]] | None = None) -> None:
     """The pruned adapter: every tensor of the input (LoRA factors replaced by the plan's), `config`, the prune
-    report, `extra_files` ({name: text}) and every other file of the input folder, written in a staging folder
-    beside `output_dir` and renamed into place."""
-    weights, extra_files = adapter.weights, extra_files or {}
+    report and every other file of the input folder but its model card, written in a staging folder beside
+    `output_dir` and renamed into place. `describe(staged folder)` gives more files ({name: text}, e.g. a new
+    card) from the finished adapter before it is moved into place."""
+    weights = adapter.weights
     cut = lru_cache(maxsize=1)(plan.factors)  # a module's A and B are written one after the other: one cut
     factor_of = {m.key_A: (name, 0) for name, m in adapter.modules.items()}
     factor_of |= {m.key_B: (name, 1) for name, m in adapter.modules.items()}
@@ -278,16 +296,17 @@ def write_pruned_adapter(adapter: AdapterFolder, plan: PrunePlan, output_dir: Pa
         shape[dim] = len(plan.report.modules[name].kept)
         return key, weights.dtypes[key], tuple(shape), lambda: cut(name)[dim]
 
-    written = {CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, PRUNE_REPORT_FILE, TOLERANCE_FILE, *extra_files}
+    written = {CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, PRUNE_REPORT_FILE, TOLERANCE_FILE, CARD_FILE}
     staging = staging_folder(output_dir, "tmp")
     try:
         for item in adapter.folder.iterdir():
             if item.name not in written:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        write_safetensors(staging / SAFETENSORS_FILE, [entry(key) for key in weights.keys], weights.metadata)
+        entries = [entry(key) for key in weights.keys]
+        write_safetensors(staging / SAFETENSORS_FILE, entries, weights.metadata)
         write_json(staging / CONFIG_FILE, config)
         write_json(staging / PRUNE_REPORT_FILE, plan.report.to_dict())
-        for name, text in extra_files.items():
+        for name, text in (describe(staging) if describe else {}).items():
             (staging / name).write_text(text)
         replace_folder(staging, output_dir)
     except BaseException:
@@ -312,6 +331,22 @@ def files_options(adapter_dir, output_dir, options: PruneOptions | None, keyword
     check_output_dir(adapter_dir, output_dir, overwrite)
     remove_stale_staging(output_dir)
     return options, adapter_dir, output_dir
+
+
+def model_card_of(adapter: AdapterFolder, plan: PrunePlan, config: dict, source) -> Callable[[Path], dict[str, str]]:
+    """What `write_pruned_adapter` writes beside the tensors: a model card of the staged adapter, with what
+    `lorpa check` finds on it (`source`: a `lorpa.hub.AdapterSource`)."""
+
+    def describe(staged: Path) -> dict[str, str]:
+        from .card import cut_from, model_card
+        from .check_adapter import check_adapter
+
+        shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
+        engines = check_adapter(staged)[1]["engines"]
+        origin = cut_from(source.describe(), source.url)
+        return {CARD_FILE: model_card(plan.report, config, plan.options, shapes, engines, origin)}
+
+    return describe
 
 
 def pruned_config(adapter: AdapterFolder, report: PruneReport) -> dict:

@@ -1,14 +1,15 @@
-"""Will every engine load and scale this adapter as peft does?
+"""Will every engine load and scale this adapter as peft does, and what must it be told?
 
-    python -m lorpa.check_adapter ADAPTER_DIR
+    lorpa check ADAPTER            (a folder or a Hub repo id; or python -m lorpa.check_adapter)
 
 peft builds each module from `rank_pattern` / `alpha_pattern` and scales it by alpha / r (alpha / √r with
-rsLoRA). Serving engines (vLLM, TGI, SGLang) read the config's top-level `r` and `lora_alpha`, take each
-module's rank from its tensors, size their buffers from `r` (vLLM: `--max-lora-rank` at least `r`) and
-apply one scaling, lora_alpha / r, to every module. Reading only the config and the tensor shapes (no
-tensor data), this says per module whether the shapes agree with the config and whether such an engine
-would scale it differently from peft; exit 1 on any mismatch, 0 when every module is served alike.
-An adapter pruned with alpha="fold" has scaling 1 everywhere and always passes.
+rsLoRA). Serving engines (vLLM, TGI, SGLang) read the config's top-level `r` and `lora_alpha`, take each module's
+rank from its tensors, size their buffers from a maximum rank (vLLM: `--max-lora-rank`, one of a fixed set of
+values, at least `r`) and apply one scaling, lora_alpha / r, to every module; vLLM also refuses DoRA and
+`modules_to_save`. Reading only the config and the tensor shapes (no tensor data), this says per module whether
+the shapes agree with the config and whether such an engine would scale it differently from peft, then per
+engine whether it loads the adapter as peft does and what to pass; exit 1 on any mismatch, 0 when every module is
+served alike. An adapter pruned with alpha="fold" has scaling 1 everywhere and passes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,25 @@ class ModuleCheck:
     peft_scaling: float
     engine_scaling: float
     problems: list[str]
+    breaks_peft: bool = False  # peft itself cannot build the module from this config (tensors and config disagree)
+
+    @property
+    def mis_scaled(self) -> bool:
+        return not math.isclose(self.peft_scaling, self.engine_scaling, rel_tol=1e-6)
+
+
+@dataclass
+class EngineVerdict:
+    engine: str
+    loads: bool  # it loads the adapter
+    as_peft: bool  # and scales every module as peft does
+    setting: str  # what to pass it ("" when nothing)
+    why: str  # what stops it, or ""
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest value vLLM's --max-lora-rank accepts that holds `rank` (None above its largest)."""
+    return next((value for value in VLLM_MAX_LORA_RANKS if value >= rank), None)
 
 
 def _scaling(alpha: float, rank: int, rslora: bool) -> float:
@@ -40,8 +60,9 @@ def _scaling(alpha: float, rank: int, rslora: bool) -> float:
 
 
 def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
-    """(per-module checks, the config's top-level r / lora_alpha / use_rslora and the smallest vLLM
-    --max-lora-rank that holds every module). Reads the config and the tensor shapes, never tensor data."""
+    """(per-module checks, the config's top-level r / lora_alpha / use_rslora, the largest module rank, the vLLM
+    --max-lora-rank that holds every module, and per engine an `EngineVerdict`). Reads the config and the tensor
+    shapes, never tensor data."""
     from .adapter_files import (
         BIN_FILE,
         SAFETENSORS_FILE,
@@ -69,7 +90,7 @@ def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
         problems = []
         if set(factors) != {"A", "B"}:
             problems.append(f"no lora_{'B' if 'A' in factors else 'A'}.weight")
-            checks.append(ModuleCheck(name, 0, 0, math.nan, engine, problems))
+            checks.append(ModuleCheck(name, 0, 0, math.nan, engine, problems, breaks_peft=True))
             continue
         shape_A, shape_B = weights.shapes[factors["A"]], weights.shapes[factors["B"]]
         rank = shape_A[0]
@@ -80,28 +101,67 @@ def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
         alpha = top_alpha if alpha_key is None else alpha_pattern[alpha_key]
         if configured != rank:
             problems.append(f"the tensors have rank {rank}, the config gives {configured}")
+        breaks_peft = bool(problems)
         if rank > top_rank:
             problems.append(f"rank {rank} above the config's r = {top_rank}, which engines size their buffers from")
-        peft = _scaling(alpha, configured, rslora)
-        if not math.isclose(peft, engine, rel_tol=1e-6):
-            problems.append(f"scaled {engine:g} by an engine that ignores alpha_pattern, {peft:g} by peft")
-        checks.append(ModuleCheck(name, rank, configured, peft, engine, problems))
+        check = ModuleCheck(name, rank, configured, _scaling(alpha, configured, rslora), engine, problems, breaks_peft)
+        if check.mis_scaled:
+            problems.append(f"scaled {engine:g} by an engine that ignores alpha_pattern, {check.peft_scaling:g} by "
+                            "peft")
+        checks.append(check)
     largest = max(check.rank for check in checks)
-    vllm = next((value for value in VLLM_MAX_LORA_RANKS if value >= max(largest, top_rank)), None)
-    return checks, {"r": top_rank, "lora_alpha": top_alpha, "use_rslora": rslora, "largest_rank": largest,
-                    "vllm_max_lora_rank": vllm}
+    vllm = vllm_max_lora_rank(max(largest, top_rank))
+    summary = {"r": top_rank, "lora_alpha": top_alpha, "use_rslora": rslora, "largest_rank": largest,
+               "vllm_max_lora_rank": vllm}
+    return checks, {**summary, "engines": engine_verdicts(checks, summary, config)}
+
+
+def engine_verdicts(checks: list[ModuleCheck], summary: dict, config: dict) -> list[EngineVerdict]:
+    """Whether peft, vLLM and the engines that scale alike (TGI, SGLang) load the adapter as peft does."""
+    broken = any(check.breaks_peft for check in checks)
+    as_peft = not any(check.mis_scaled for check in checks)
+    unscaled = "" if as_peft else "one lora_alpha / r for every module, not alpha_pattern"
+    vllm_refuses = [why for why, refused in (("DoRA", config.get("use_dora")),
+                                            ("modules_to_save", config.get("modules_to_save")),
+                                            (f"rank {summary['largest_rank']} above 512", summary["vllm_max_lora_rank"]
+                                             is None)) if refused]
+    shapes = "the tensors' shapes disagree with the config" if broken else ""
+    vllm_rank = summary["vllm_max_lora_rank"]
+    return [
+        EngineVerdict("peft", not broken, True, "", shapes),
+        EngineVerdict("vLLM", not broken and not vllm_refuses, as_peft,
+                      f"--max-lora-rank {vllm_rank}" if vllm_rank else "",
+                      shapes or (f"refuses {', '.join(vllm_refuses)}" if vllm_refuses else unscaled)),
+        EngineVerdict("TGI, SGLang", not broken, as_peft, "", shapes or unscaled),
+    ]
 
 
 def build_parser(prog: str = "python -m lorpa.check_adapter") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.error = raise_input_error
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
+    parser.add_argument("adapter", metavar="ADAPTER",
+                        help="folder written by peft's save_pretrained, or a Hub repo id")
+    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit to read")
+    parser.add_argument("--subfolder", default=None, help="the adapter's folder inside ADAPTER")
     return parser
 
 
+def describe_engines(summary: dict) -> list[str]:
+    lines = []
+    for verdict in summary["engines"]:
+        loads = "loads it" if verdict.loads else "does not load it"
+        scales = "as peft does" if verdict.as_peft else "scaled differently from peft"
+        setting = f"; pass {verdict.setting}" if verdict.setting and verdict.loads else ""
+        why = f" ({verdict.why})" if verdict.why else ""
+        lines.append(f"{verdict.engine}: {loads}, {scales}{setting}{why}")
+    return lines
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m lorpa.check_adapter") -> int:
+    from .hub import resolve_adapter
+
     args = build_parser(prog).parse_args(argv)
-    checks, summary = check_adapter(args.adapter_dir)
+    checks, summary = check_adapter(resolve_adapter(args.adapter, args.revision, args.subfolder).folder)
     for check in checks:
         verdict = "ok" if not check.problems else "MISMATCH: " + "; ".join(check.problems)
         print(f"{check.name}: rank {check.rank}, scaling {check.peft_scaling:g} in peft, {check.engine_scaling:g} "
@@ -110,10 +170,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorpa.check_adapt
     print(f"config: r = {summary['r']}, lora_alpha = {summary['lora_alpha']:g}, use_rslora = {summary['use_rslora']}; "
           f"largest module rank {summary['largest_rank']}; vLLM needs --max-lora-rank "
           f"{summary['vllm_max_lora_rank'] or 'above 512 (not supported)'}")
+    for line in describe_engines(summary):
+        print(line)
     if bad:
-        print(f"{len(bad)} of {len(checks)} modules would be served differently from peft: merge the adapter "
-              "(--merge_final), or prune it again with alpha='fold' (python -m lorpa.prune_adapter IN OUT ... "
-              "--alpha fold)")
+        print(f"{len(bad)} of {len(checks)} modules would be served differently from peft: merge the adapter into "
+              "the base weights (run_*.py --merge_final, or peft's merge_and_unload), or prune it again with the "
+              "scaling folded into B (lorpa prune IN OUT ... --alpha fold)")
         return 1
     print(f"all {len(checks)} modules are served as peft serves them")
     return 0

@@ -98,9 +98,9 @@ def download(repo_id: str, revision: str | None, subfolder: str | None) -> Path:
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-                message: str = "Upload pruned LoRA adapter") -> str:
-    """Upload `folder` to the Hub repo `repo_id` (created if missing; `revision` a branch, created if missing);
-    returns the commit's URL. Any failure is one line; the folder is left as it is."""
+                message: str = "Upload pruned LoRA adapter", ignore: list[str] | None = None) -> str:
+    """Upload `folder` (but the files matching `ignore`) to the Hub repo `repo_id` (created if missing; `revision` a
+    branch, created if missing); returns the commit's URL. Any failure is one line; the folder is left as it is."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -110,7 +110,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                   commit_message=message)
+                                   commit_message=message, ignore_patterns=ignore)
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise InputError(f"uploading {folder} to {repo_id} failed ({str(error).strip().splitlines()[0]}); the "
                          "output is complete on disk: push it again later (--push_to_hub) or with hf upload") from None

@@ -172,7 +172,10 @@ def plot_spectra(result: dict, out_path) -> Path:
 def build_parser(prog: str = "python -m lorpa.inspect") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.error = raise_input_error
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
+    parser.add_argument("adapter_dir", metavar="ADAPTER",
+                        help="folder written by peft's save_pretrained, or a Hub repo id (OWNER/NAME)")
+    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit to read")
+    parser.add_argument("--subfolder", default=None, help="the adapter's folder inside ADAPTER")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document on stdout, and nothing else there")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also draw the spectra into this PNG file")
@@ -181,10 +184,12 @@ def build_parser(prog: str = "python -m lorpa.inspect") -> argparse.ArgumentPars
 
 def main(argv: list[str] | None = None, prog: str = "python -m lorpa.inspect") -> int:
     """Exit status 0, or 1 when a module holds NaN or infinite values."""
+    from .hub import resolve_adapter
+
     args = build_parser(prog).parse_args(argv)
     if args.plot is not None:
         check_output_file(args.plot, "--plot")
-    result = inspect_adapter(args.adapter_dir)
+    result = inspect_adapter(resolve_adapter(args.adapter_dir, args.revision, args.subfolder).folder)
     if args.plot is not None:
         plot_spectra(result, args.plot)
     if args.json:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .budgets import choose, module_counts
+from .check_adapter import vllm_max_lora_rank
 from .errors import InputError
 from .lowrank import kept_error, output_error, relative_error, weight_gram
 from .options import ROTATED_SCORES, PruneOptions
@@ -182,11 +183,20 @@ def score_modules(modules: dict[str, ModuleFactors], options: PruneOptions,
     scored = {}
     for name, module in modules.items():
         lora_A, lora_B = module.read()
-        problem = check_finite(name, lora_A, lora_B)
-        if problem is not None:
-            raise InputError(f"{problem}; such an adapter cannot be pruned (retrain it, or prune an earlier "
-                             "checkpoint)")
-        scores, rotation = component_scores(name, module, options, lora_A, lora_B)
+        try:
+            scores, rotation = component_scores(name, module, options, lora_A, lora_B)
+        except RuntimeError as error:  # an SVD or eigensolver that met a NaN
+            failed = error
+        else:
+            failed = None
+        # Scores that read every element carry a NaN or inf into themselves: finite scores, finite factors.
+        if failed is not None or options.score in ("random", "sensitivity") or not finite(scores):
+            problem = check_finite(name, lora_A, lora_B)
+            if problem is not None:
+                raise InputError(f"{problem}; such an adapter cannot be pruned (retrain it, or prune an earlier "
+                                 "checkpoint)")
+            if failed is not None:
+                raise failed
         if rotation is not None:
             gram = rotation.weight_energy
         else:
@@ -285,12 +295,16 @@ def config_changes(report: PruneReport) -> dict:
     a name that happens to end another one can never capture it. Engines that ignore the patterns (vLLM, TGI)
     read the top-level r as the largest rank to serve and scale every module by lora_alpha / r: so r is the
     largest rank, with the alpha of its first module by name, which is right for every module whenever all share
-    one scaling (always after a fold).
+    one scaling. After a fold every module's scaling is 1, so r = lora_alpha, and r is the smallest value vLLM's
+    --max-lora-rank accepts that holds the largest rank: the config's r is always the value to pass.
     """
     names = sorted(report.modules, key=len, reverse=True)
     rank_pattern = {name: report.modules[name].new_rank for name in names}
     alpha_pattern = {name: report.modules[name].new_alpha for name in names}
     r = max(rank_pattern.values())
-    changes = {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "r": r,
-               "lora_alpha": report.modules[min(n for n in names if report.modules[n].new_rank == r)].new_alpha}
-    return {**changes, "use_rslora": False} if report.folded else changes
+    if report.folded:  # scaling 1 everywhere: r = lora_alpha, a --max-lora-rank vLLM accepts
+        r = vllm_max_lora_rank(r) or r
+        return {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "r": r, "lora_alpha": r,
+                "use_rslora": False}
+    alpha = report.modules[min(n for n in names if report.modules[n].new_rank == r)].new_alpha
+    return {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "r": r, "lora_alpha": alpha}

@@ -1,12 +1,14 @@
 """Prune a saved peft LoRA adapter from its files alone: no base model, no GPU.
 
-    lorpa prune ADAPTER_DIR OUTPUT_DIR --target_rank 8 [--score svd] [--scope global]
-    python -m lorpa.prune_adapter ADAPTER_DIR OUTPUT_DIR ...            (the same command)
+    lorpa prune ADAPTER OUTPUT_DIR --target_rank 8 [--score svd] [--scope global] [--push_to_hub OWNER/NAME]
+    python -m lorpa.prune_adapter ADAPTER OUTPUT_DIR ...            (the same command)
 
-The output is a standard peft adapter (per-module ranks and alphas in `rank_pattern` / `alpha_pattern`) with the
-tensors `lorpa.prune` gives on the loaded model, plus `prune_report.json`; every other file of ADAPTER_DIR
-(tokenizer, ...) is copied through. The command holds the adapter's factors, never a model. The work (torch, the
-file reader) is imported only once the arguments are read, so `--help` and refusals answer at once.
+ADAPTER is a folder or a Hub repo id. The output is a standard peft adapter (per-module ranks and alphas in
+`rank_pattern` / `alpha_pattern`) with the tensors `lorpa.prune` gives on the loaded model, `prune_report.json`
+and a model card (README.md) that says what the cut did and how each serving engine takes the result; every other
+file of the input folder (tokenizer, ...) is copied through, its card is not. The command holds one module's
+factors at a time, never a model. The work (torch, the file reader) is imported only once the arguments are read,
+so `--help` and refusals answer at once.
 """
 
 from __future__ import annotations
@@ -20,27 +22,32 @@ from .errors import InputError
 from .options import FILE_SCORES, PruneOptions, add_prune_arguments, options_from_arguments
 
 
-def prune_saved_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                        options: PruneOptions | None = None, *, overwrite: bool = False, **keywords):
-    """Prune the adapter saved in `adapter_dir` into `output_dir` as `options` say (`PruneOptions`, or its fields
-    as keywords); the default score is svd (no retraining follows this cut). Returns the `PruneReport`.
+def prune_saved_adapter(adapter: str | os.PathLike, output_dir: str | os.PathLike,
+                        options: PruneOptions | None = None, *, overwrite: bool = False, revision: str | None = None,
+                        subfolder: str | None = None, **keywords):
+    """Prune the saved adapter `adapter` (a folder, or a Hub repo id at `revision`, in its `subfolder`) into
+    `output_dir` as `options` say (`PruneOptions`, or its fields as keywords); the default score is svd (no
+    retraining follows this cut). Returns the `PruneReport`.
 
     Bad input raises `lorpa.InputError` before anything is written; the output appears all at once (written to
     a staging folder beside `output_dir`, then renamed).
     """
-    from .adapter_files import AdapterFolder, files_options, pruned_config, write_pruned_adapter
+    from .adapter_files import AdapterFolder, files_options, model_card_of, pruned_config, write_pruned_adapter
     from .budgets import check_fits
+    from .hub import resolve_adapter
     from .plan import plan_prune
 
-    options, adapter_dir, output_dir = files_options(adapter_dir, output_dir, options, keywords, overwrite)
+    source = resolve_adapter(str(adapter), revision, subfolder)
+    options, _, output_dir = files_options(source.folder, output_dir, options, keywords, overwrite)
     if options.tolerance is not None:
         raise InputError("a tolerance budget needs an evaluation of each candidate: give --evaluate COMMAND "
                          "(lorpa.tolerance.prune_saved_adapter_to_tolerance)")
     options.require_budget()
-    adapter = AdapterFolder(adapter_dir)
-    check_fits(options, {name: (m.rank, m.in_features, m.out_features) for name, m in adapter.modules.items()})
-    plan = plan_prune(adapter.module_factors(), options)
-    write_pruned_adapter(adapter, plan, output_dir, pruned_config(adapter, plan.report))
+    folder = AdapterFolder(source.folder)
+    check_fits(options, {name: (m.rank, m.in_features, m.out_features) for name, m in folder.modules.items()})
+    plan = plan_prune(folder.module_factors(), options)
+    config = pruned_config(folder, plan.report)
+    write_pruned_adapter(folder, plan, output_dir, config, model_card_of(folder, plan, config, source))
     return plan.report
 
 
@@ -53,14 +60,23 @@ def build_parser(prog: str = "python -m lorpa.prune_adapter") -> argparse.Argume
         f"Scores from files: {', '.join(FILE_SCORES)}.",
     )
     parser.error = raise_input_error
-    parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="folder written by peft's save_pretrained")
+    parser.add_argument("adapter_dir", metavar="ADAPTER",
+                        help="folder written by peft's save_pretrained, or a Hub repo id (OWNER/NAME)")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="new folder for the pruned adapter")
+    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit to read")
+    parser.add_argument("--subfolder", default=None, help="the adapter's folder inside ADAPTER")
     add_prune_arguments(parser, skip=("rewind",), scores=FILE_SCORES)
     parser.add_argument("--evaluate", default=None, metavar="COMMAND",
                         help="with --tolerance: a command that scores the adapter folder named by {adapter} in it and "
                              "prints the score (higher is better) as the last word of its output, e.g. "
                              "\"python my_eval.py --adapter {adapter}\"")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                        help="upload OUTPUT_DIR to this Hub repo once it is complete and lorpa check found its shapes "
+                             "sound (created if missing)")
+    parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo private")
+    parser.add_argument("--push_revision", default=None, metavar="BRANCH",
+                        help="with --push_to_hub: the branch to push to (created if missing; default: main)")
     return parser
 
 
@@ -70,6 +86,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m lorpa.prune
     options = options_from_arguments(args)
     if args.evaluate is not None and options.tolerance is None:
         raise InputError("--evaluate scores the candidates of --tolerance; give --tolerance T too")
+    if (args.private or args.push_revision) and not args.push_to_hub:
+        raise InputError("--private and --push_revision go with --push_to_hub REPO_ID")
+    if args.push_to_hub is not None:
+        from .hub import could_be_repo_id
+
+        if not could_be_repo_id(args.push_to_hub) or "/" not in args.push_to_hub:
+            raise InputError(f"--push_to_hub {args.push_to_hub}: not a Hub repo id (OWNER/NAME)")
     if not options.budgets():
         raise InputError("give one of --target_rank, --ratio, --energy, --total_rank or --tolerance")
     try:
@@ -81,11 +104,12 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m lorpa.prune
 
 def main(argv: list[str] | None = None, prog: str = "python -m lorpa.prune_adapter"):
     args, options = parse_args(argv, prog)
+    where = dict(overwrite=args.overwrite, revision=args.revision, subfolder=args.subfolder)
     if options.tolerance is not None:
         from .tolerance import prune_saved_adapter_to_tolerance
 
         report, search = prune_saved_adapter_to_tolerance(args.adapter_dir, args.output_dir, args.evaluate, options,
-                                                          overwrite=args.overwrite)
+                                                          **where)
         for candidate in search.candidates:
             print(f"candidate: total rank {candidate.total_rank}, {candidate.parameters} parameters, "
                   f"score {candidate.score:g}")
@@ -93,11 +117,31 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorpa.prune_adapt
         print(f"kept total rank {search.kept} of {search.full_rank}: the smallest within {options.tolerance:g} of the "
               f"input's {search.reference:g}{capped}")
     else:
-        report = prune_saved_adapter(args.adapter_dir, args.output_dir, options, overwrite=args.overwrite)
+        report = prune_saved_adapter(args.adapter_dir, args.output_dir, options, **where)
     old, new = sum(report.old_ranks.values()), sum(report.ranks.values())
     print(f"pruned {len(report.modules)} LoRA modules, {old} -> {new} rank components "
           f"({report.scope} scope, {report.score} score); wrote {args.output_dir}")
+    if args.push_to_hub is not None:
+        print(f"pushed: {push(args, report, old, new)}")
     return report
+
+
+def push(args, report, old: int, new: int) -> str:
+    """Upload the finished output, once `lorpa check` finds every module's shapes as its config says."""
+    from pathlib import Path
+
+    from .check_adapter import check_adapter
+    from .hub import push_folder
+
+    checks, _ = check_adapter(args.output_dir)
+    broken = [check.name for check in checks if check.breaks_peft]
+    if broken:
+        raise InputError(f"not pushed: lorpa check finds {broken[0]} (and {len(broken) - 1} more) unlike its config; "
+                         f"the output is in {args.output_dir}")
+    message = (f"Prune {args.adapter_dir} with LoRPA: {report.score} score, {report.scope} scope, total rank {old} -> "
+               f"{new}")
+    return push_folder(Path(args.output_dir), args.push_to_hub, private=args.private, revision=args.push_revision,
+                       message=message)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,29 @@ a saved adapter, scoring each candidate folder with a command.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .adapter_files import (
     TOLERANCE_FILE,
     AdapterFolder,
     files_options,
+    model_card_of,
+    progress,
     pruned_config,
     staging_folder,
-    write_json,
     write_pruned_adapter,
 )
 from .budgets import parameters
 from .errors import InputError
+from .hub import resolve_adapter
 from .options import PruneOptions
 from .plan import build_plan, choose_kept, score_modules
 
@@ -116,21 +120,26 @@ def run_evaluation(command: list[str], adapter: Path) -> float:
     return score
 
 
-def prune_saved_adapter_to_tolerance(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                                     evaluate: list[str], options: PruneOptions | None = None, *,
-                                     overwrite: bool = False, **keywords):
-    """The smallest global budget whose score, as the command `evaluate` prints it for each candidate folder, is
-    within `options.tolerance` of the input adapter's; every candidate goes to OUTPUT_DIR/tolerance_search.json.
+def prune_saved_adapter_to_tolerance(adapter: str | os.PathLike, output_dir: str | os.PathLike,
+                                     evaluate: list[str] | Callable[[Path], float],
+                                     options: PruneOptions | None = None, *, overwrite: bool = False,
+                                     revision: str | None = None, **keywords):
+    """The smallest global budget whose score for each candidate folder (`evaluate`: a command that prints it, with
+    `{adapter}` standing for the folder, or a function of the folder) is within `options.tolerance` of the input
+    adapter's (a folder, or a Hub repo id at `revision`); every candidate goes to OUTPUT_DIR/tolerance_search.json.
     Returns (prune report, search)."""
-    options, adapter_dir, output_dir = files_options(adapter_dir, output_dir, options, keywords, overwrite)
+    source = resolve_adapter(str(adapter), revision, keywords.pop("subfolder", None))
+    options, _, output_dir = files_options(source.folder, output_dir, options, keywords, overwrite)
     if options.tolerance is None:
         raise InputError("a tolerance search needs tolerance: how far below the input's score a candidate may be")
     if not evaluate:
         raise InputError("--tolerance needs --evaluate COMMAND, which prints a score for the adapter folder {adapter}")
-    adapter = AdapterFolder(adapter_dir)
-    shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
-    ranks = {name: m.rank for name, m in adapter.modules.items()}
-    scored = score_modules(adapter.module_factors(), options, trim=True)
+    score_of = evaluate if callable(evaluate) else partial(run_evaluation, evaluate)
+    folder = AdapterFolder(source.folder)
+    shapes = {name: (m.in_features, m.out_features) for name, m in folder.modules.items()}
+    ranks = {name: m.rank for name, m in folder.modules.items()}
+    scored = score_modules(folder.module_factors(), options, trim=True)
+    bar = progress(None, "tolerance search", unit="candidate")
 
     def plan(components: int):
         budget = options.at_total(components)
@@ -138,19 +147,23 @@ def prune_saved_adapter_to_tolerance(adapter_dir: str | os.PathLike, output_dir:
 
     def candidate(components: int) -> Candidate:
         planned = plan(components)
-        folder = staging_folder(output_dir, "candidate")
+        staging = staging_folder(output_dir, "candidate")
         try:
-            target = folder / "adapter"
-            write_pruned_adapter(adapter, planned, target, pruned_config(adapter, planned.report))
-            ranks = planned.report.ranks
-            return Candidate(sum(ranks.values()), parameters(shapes, ranks), run_evaluation(evaluate, target))
+            target = staging / "adapter"
+            write_pruned_adapter(folder, planned, target, pruned_config(folder, planned.report))
+            kept = planned.report.ranks
+            bar.update()
+            return Candidate(sum(kept.values()), parameters(shapes, kept), score_of(target))
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
 
     search = search_budget(candidate, sum(options.bounds(r)[0] for r in ranks.values()),
                            sum(options.bounds(r)[1] for r in ranks.values()), sum(ranks.values()),
-                           parameters(shapes, ranks), run_evaluation(evaluate, adapter.folder), options.tolerance)
+                           parameters(shapes, ranks), score_of(folder.folder), options.tolerance)
+    bar.close()
     final = plan(search.kept)
-    write_pruned_adapter(adapter, final, output_dir, pruned_config(adapter, final.report))
-    write_json(Path(output_dir, TOLERANCE_FILE), search.to_dict())
+    config = pruned_config(folder, final.report)
+    card = model_card_of(folder, final, config, source)
+    record = json.dumps(search.to_dict(), indent=2) + "\n"
+    write_pruned_adapter(folder, final, output_dir, config, lambda staged: {**card(staged), TOLERANCE_FILE: record})
     return final.report, search

@@ -123,10 +123,25 @@ class StageCallback:
     def on_prune(self, stage: Stage, trainer: Trainer, model: nn.Module, step: PruneStep) -> None: ...
 
 
+def prune_log(report: PruneReport, model: nn.Module) -> dict[str, float]:
+    """What a prune did, as numbers for the Trainer's log history (and so for --report_to tensorboard or wandb)."""
+    sizes = {name: layer.in_features + layer.out_features for name, layer in lora_layers(model).items()}
+    ranks = list(report.ranks.values())
+    logged = {"prune/total_rank_before": sum(report.old_ranks.values()), "prune/total_rank_after": sum(ranks),
+              "prune/parameters_before": sum(r * sizes[n] for n, r in report.old_ranks.items()),
+              "prune/parameters_after": sum(r * sizes[n] for n, r in report.ranks.items()),
+              "prune/rank_min": min(ranks), "prune/rank_max": max(ranks),
+              "prune/mean_relative_error": report.mean_relative_error}
+    if report.mean_output_error is not None:
+        logged["prune/mean_output_error"] = report.mean_output_error
+    return logged
+
+
 def stage_arguments(args: TrainingArguments, stage: Stage) -> TrainingArguments:
-    """The run's arguments for one stage: its share of the budget, in its own sub-folder."""
+    """The run's arguments for one stage: its share of the budget, in its own sub-folder. A stage never pushes to
+    the Hub (its checkpoints are not the result: a stage-1 adapter has rank r0); push the final adapter."""
     return dataclasses.replace(args, output_dir=str(Path(args.output_dir, stage.name)), num_train_epochs=stage.epochs,
-                               max_steps=stage.max_steps, resume_from_checkpoint=None)
+                               max_steps=stage.max_steps, resume_from_checkpoint=None, push_to_hub=False)
 
 
 @dataclasses.dataclass
@@ -199,6 +214,7 @@ class StageLoop:
             trainer.save_model(str(adapter_dir))
         if trainer.is_world_process_zero():
             write_json_atomic(report_file, step.report.to_dict())
+        trainer.log(prune_log(step.report, model))
         return model, step
 
     def run(self, model: nn.Module, stages: list[Stage]) -> TwoStageResult:

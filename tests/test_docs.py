@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lorpa.commands import SUBCOMMANDS
 from lorpa.harness.flags import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,8 @@ def command_of(tokens: list[str]) -> str | None:
         return "train.sh"
     if len(tokens) >= 3 and tokens[0] == "python" and tokens[1] == "-m" and tokens[2].startswith("lorpa."):
         return tokens[2]
+    if len(tokens) >= 2 and tokens[0] == "lorpa" and not tokens[1].startswith("-"):  # the console script
+        return SUBCOMMANDS[tokens[1]][0] if tokens[1] in SUBCOMMANDS else f"lorpa {tokens[1]}"
     if len(tokens) >= 2 and tokens[0] == "python" and tokens[1].removeprefix("./").endswith(".py"):
         return tokens[1].removeprefix("./")
     return None
@@ -110,8 +113,9 @@ def problems(text: str) -> list[str]:
                 if not block:  # a flag shown alone in prose
                     found += [f"{flag} is no flag of any command" for flag in flags_in(tokens) if flag not in known]
                 continue
-            if command.startswith("lorpa.") and command not in {f"lorpa.{m}" for m in LORPA_COMMANDS}:
-                found.append(f"python -m {command} is not a LoRPA command")
+            if command.startswith("lorpa ") or command.startswith("lorpa.") and command not in {
+                    f"lorpa.{m}" for m in LORPA_COMMANDS}:
+                found.append(f"{command if ' ' in command else 'python -m ' + command} is not a LoRPA command")
                 continue
             if not command.startswith("lorpa.") and command != "train.sh" and not (ROOT / command).is_file():
                 found.append(f"{command} does not exist")
@@ -142,6 +146,8 @@ bash train.sh configs/glue/no-such-table/rte.yaml --seeds 1 --max_train_samples 
     --no_such_flag 3
 python run_glue.py --task_name rte --lora_rank 8   # a comment --is_not_checked
 python -m lorpa.nothing_here --x 1
+lorpa prune my-adapter out --target_rank 8 --no_such_flag
+lorpa shrink my-adapter
 ```
 Prose may show `--prune_score` alone, but not `--prune_scor`; and `python -m lorpa.report RUNS --paired A`.
 """
@@ -150,5 +156,7 @@ Prose may show `--prune_score` alone, but not `--prune_scor`; and `python -m lor
         "bash train.sh configs/glue/no-such-table/rte.yaml: --no_such_flag is not one of its flags",
         "python run_glue.py --task_name: --lora_rank is not one of its flags",
         "python -m lorpa.nothing_here is not a LoRPA command",
+        "lorpa prune my-adapter: --no_such_flag is not one of its flags",
+        "lorpa shrink is not a LoRPA command",
         "--prune_scor is no flag of any command",
     ]

@@ -1,0 +1,88 @@
+"""The model card (README.md) of a pruned adapter: what it is, where it came from, what the cut did, and how each
+serving engine takes it. Written anew with every output; the source adapter's card is linked, never copied, so a
+rank-64 card never ends up describing a rank-8 adapter."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+from .options import ROTATED_SCORES, PruneOptions
+from .plan import PruneReport
+
+CARD_FILE = "README.md"
+
+
+def front_matter(config: dict) -> str:
+    """peft's card fields: the base model, the library, and the tags that put the adapter in the base model's
+    adapter tree on the Hub."""
+    base = config.get("base_model_name_or_path")
+    tags = ["lora", "lorpa"] + ([f"base_model:adapter:{base}"] if base else [])
+    lines = ["---"] + ([f"base_model: {base}"] if base else []) + ["library_name: peft", "tags:"]
+    return "\n".join(lines + [f"- {tag}" for tag in tags] + ["---"])
+
+
+def module_kind(name: str) -> str:
+    """A module's name without its layer index: `model.layers.3.self_attn.q_proj` -> `self_attn.q_proj`."""
+    return re.split(r"\.\d+\.", name)[-1]
+
+
+def rank_table(report: PruneReport) -> list[str]:
+    """Ranks kept, compactly: per rank, how many modules keep it and of which kinds."""
+    kinds: dict[int, Counter] = defaultdict(Counter)
+    for name, module in report.modules.items():
+        kinds[module.new_rank][module_kind(name)] += 1
+    lines = ["| rank | modules | which |", "|---:|---:|---|"]
+    for rank in sorted(kinds, reverse=True):
+        which = ", ".join(f"{kind} ×{count}" for kind, count in sorted(kinds[rank].items()))
+        lines.append(f"| {rank} | {sum(kinds[rank].values())} | {which} |")
+    return lines
+
+
+def human(count: float) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return f"{count:g}"
+
+
+def cut_from(source: str, url: str | None = None) -> str:
+    """How a file prune's card says where the adapter came from: `source` as the user gave it (a folder, or a repo
+    id and commit), `url` its Hub page."""
+    linked = f"[{source}]({url})" if url else f"`{source}`"
+    return f"cut from {linked} by LoRPA (`lorpa prune`), without retraining"
+
+
+def model_card(report: PruneReport, config: dict, options: PruneOptions, shapes: dict[str, tuple[int, int]],
+               engines: list, origin: str) -> str:
+    """The card of a pruned adapter. `shapes`: (in, out) per module; `engines`: `check_adapter`'s verdicts;
+    `origin`: how it came about, after "This adapter was" (e.g. `cut_from(...)`)."""
+    old = {name: m.old_rank for name, m in report.modules.items()}
+    new = report.ranks
+    size = {label: sum(ranks[n] * (i + o) for n, (i, o) in shapes.items())
+            for label, ranks in (("old", old), ("new", new))}
+    errors = [m.relative_error for m in report.modules.values()]
+    lines = [front_matter(config), "", "# A LoRA adapter pruned with LoRPA", "",
+             f"This adapter was {origin}: {options.describe()}. The source's own card, if it had one, describes the "
+             "source, not this adapter.", "",
+             "| | before | after |", "|---|---:|---:|",
+             f"| total rank | {sum(old.values())} | {sum(new.values())} |",
+             f"| largest module rank | {max(old.values())} | {max(new.values())} |",
+             f"| adapter parameters | {human(size['old'])} | {human(size['new'])} |", "",
+             "What the cut left out of each module's update ΔW, ‖ΔW − ΔW′‖_F / ‖ΔW‖_F: mean "
+             f"{sum(errors) / len(errors):.4f}, largest {max(errors):.4f}."]
+    if report.score in ROTATED_SCORES and options.alpha in ("keep_scaling", "fold"):
+        kept = sum(1 - e * e for e in errors) / len(errors)
+        lines.append(f"Share of ‖ΔW‖² kept (the kept directions are orthogonal, so it is 1 − error²): mean "
+                     f"{kept:.4f}.")
+    lines.append("Each module's scaling is folded into its B (alpha = rank, scaling 1)." if report.folded else
+                 "Each module keeps its own alpha / r (alpha_pattern).")
+    lines += ["", "## Ranks kept", "", *rank_table(report), "", "Per module: `prune_report.json`.", "",
+              "## Serving", "", "| engine | loads it | scales it as peft | pass |", "|---|---|---|---|"]
+    for verdict in engines:
+        loads = "yes" if verdict.loads else f"no ({verdict.why})"
+        scales = "yes" if verdict.as_peft else f"no ({verdict.why})" if verdict.loads else "-"
+        lines.append(f"| {verdict.engine} | {loads} | {scales} | {verdict.setting if verdict.loads else ''} |")
+    lines += ["", "It is a standard peft adapter (per-module ranks in `rank_pattern`): "
+              "`PeftModel.from_pretrained(base_model, this_folder_or_repo)` loads it with no LoRPA code."]
+    return "\n".join(lines) + "\n"

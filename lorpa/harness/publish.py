@@ -1,0 +1,54 @@
+"""A run's final adapter, as users receive it: a model card that says what the run and its prune did, and the
+upload that `--push_to_hub` asks for (the final pruned adapter and its card, never a stage's checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..card import CARD_FILE, model_card
+from ..check_adapter import check_adapter
+from ..hub import push_folder
+from ..layers import lora_layers
+from .arguments import MethodArguments
+
+# What stays on disk only: the stages' checkpoints, the adapters before each retraining, a merged copy.
+NOT_PUSHED = ["stage*/**", "pruned_adapter*/**", "merged/**", "training_args.bin"]
+
+
+def write_card(outcome, method_args: MethodArguments, training_args, script: str) -> None:
+    """The card of a LoRPA run's final adapter (process 0); other methods keep peft's."""
+    if outcome.prune_report is None or not outcome.trainer.is_world_process_zero():
+        return
+    output = Path(training_args.output_dir)
+    config = json.loads((output / "adapter_config.json").read_text())
+    shapes = {name: (layer.in_features, layer.out_features) for name, layer in lora_layers(outcome.model).items()}
+    stages = method_args.stage_options()
+    when = ("at the end of its training, and left as cut" if not stages.retrains
+            else "during its training and retrained")
+    origin = f"trained with LoRPA's `{script}`: LoRA at rank {method_args.lora_r}, pruned {when}"
+    card = model_card(outcome.prune_report, config, method_args.prune_options(training_args.seed), shapes,
+                      check_adapter(output)[1]["engines"], origin)
+    (output / CARD_FILE).write_text(card)
+
+
+def push_result(outcome, training_args) -> str | None:
+    """With --push_to_hub, upload the final adapter folder (process 0): the repo is --hub_model_id, else the output
+    folder's name; returns the commit's URL."""
+    if not training_args.push_to_hub or not outcome.trainer.is_world_process_zero():
+        return None
+    output = Path(training_args.output_dir)
+    report = outcome.prune_report
+    ranks = "" if report is None else f", total rank {sum(report.old_ranks.values())} -> {sum(report.ranks.values())}"
+    return push_folder(output, training_args.hub_model_id or output.name, private=bool(training_args.hub_private_repo),
+                       revision=training_args.hub_revision, message=f"Final adapter of {output.name}{ranks}",
+                       ignore=NOT_PUSHED)
+
+
+def publish(outcome, method_args: MethodArguments, training_args, script: str) -> None:
+    """The card, then the upload when --push_to_hub asks for it (after results.json: a failed upload leaves the
+    finished run on disk and says so in one line)."""
+    write_card(outcome, method_args, training_args, script)
+    pushed = push_result(outcome, training_args)
+    if pushed is not None:
+        print(f"pushed: {pushed}")
