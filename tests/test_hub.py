@@ -1,13 +1,16 @@
 """Adapters where users keep them: `lorpa` with Hub repo ids (read from an offline cache the test builds in the
 layout huggingface_hub reads), a truthful model card in every output, and `--push_to_hub` after a sound check."""
 
+import fcntl
 import json
 import os
 import pty
 import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -34,11 +37,12 @@ def tiny_lora(r=16, seed=1, base_id=BASE_ID):
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
-    base.config.name_or_path = base_id
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False, target_modules="all-linear",
                         task_type="CAUSAL_LM")
-    return get_peft_model(base, config)
+    model = get_peft_model(base, config)
+    model.peft_config["default"].base_model_name_or_path = base_id  # as from_pretrained of a Hub model records it
+    return model
 
 
 def save_adapter(folder: Path, r=16, seed=1) -> Path:
@@ -93,6 +97,7 @@ def test_revision_picks_the_other_snapshot_and_inspect_and_check_read_ids(hub_ca
     assert run_cli(lorpa_main, ["prune", "owner/name", "out", "--revision", "v2", "--target_rank", "4"]) == 0
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert {m["old_rank"] for m in report["modules"].values()} == {8}
+    capsys.readouterr()
     assert run_cli(lorpa_main, ["inspect", "owner/name", "--revision", "v2", "--json"]) == 0
     assert {row["rank"] for row in json.loads(capsys.readouterr().out)["modules"].values()} == {8}
     assert run_cli(lorpa_main, ["check", "owner/name"]) == 0
@@ -216,8 +221,9 @@ def test_a_terminal_shows_progress_and_a_log_does_not(tmp_path):
     source = save_adapter(tmp_path / "adapter")
     command = [sys.executable, "-m", "lorpa.prune_adapter", str(source), str(tmp_path / "tty"), "--target_rank", "4"]
     read_end, write_end = pty.openpty()
+    fcntl.ioctl(write_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
     process = subprocess.Popen(command, stdin=write_end, stdout=write_end, stderr=write_end, cwd=ROOT,
-                               env={**os.environ, "COLUMNS": "100"}, start_new_session=True)
+                               start_new_session=True)
     os.close(write_end)
     output, deadline = b"", time.monotonic() + 120
     try:

@@ -281,7 +281,7 @@ def test_output_never_overwrites_input_or_earlier_output(tmp_path, capsys, where
 def test_module_entry_point_has_help():
     result = processes.run([sys.executable, "-m", "lorpa.prune_adapter", "--help"], timeout=120)
     assert result.returncode == 0
-    assert all(flag in result.stdout for flag in ("ADAPTER_DIR", "--target_rank", "--ratio", "--scope", "--overwrite"))
+    assert all(flag in result.stdout for flag in ("ADAPTER", "--target_rank", "--ratio", "--scope", "--overwrite"))
 
 
 @pytest.mark.parametrize("scope", ["module", "global"])
