@@ -19,7 +19,6 @@ import lorpa  # noqa: F401
 import sys
 from pathlib import Path
 
-from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
 from lorpa.cli import run_cli
@@ -45,7 +44,6 @@ from lorpa.tasks.clm.data import (
 from lorpa.tasks.clm.evaluation import GenerationEvalTrainer
 from lorpa.tasks.clm.gsm8k import gsm8k_metrics
 from lorpa.tasks.clm.loading import load_causal_lm
-from lorpa.tasks.clm.serving import MERGED_DIR, save_merged
 from lorpa.tasks.summarization import write_summaries
 
 ARGUMENTS = (ModelArguments, ClmDataArguments, ClmModelArguments, MethodArguments, TrainingArguments)
@@ -76,8 +74,6 @@ def main(argv=None):
         raise InputError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
                          "(--selection_split_percentage); prune with a fixed budget here, or search with "
                          "python -m lorpa.prune_adapter --tolerance T --evaluate COMMAND")
-    if clm_args.merge_final and method_args.method == "full":
-        raise InputError("--merge_final merges an adapter; --method full already saves the whole model")
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     config = load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     check_length(config, data_args)
@@ -144,14 +140,10 @@ def main(argv=None):
         )
         record["data"] = data_summary
         print(f"results: {write_results(output_dir, record)}")
-        if clm_args.merge_final and clm_args.quantized:  # merging into 4- or 8-bit weights would round the update away
-            base = load_pretrained(AutoModelForCausalLM, model_path, cache_dir, dtype=clm_args.dtype)
-            merged = save_merged(PeftModel.from_pretrained(base, output_dir), Path(output_dir, MERGED_DIR), tokenizer)
-            print(f"merged model: {merged} (the adapter merged into a copy of the base loaded unquantised, "
-                  f"dtype {clm_args.torch_dtype}; the quantised weights were not merged into)")
-        elif clm_args.merge_final:
-            print(f"merged model: {save_merged(outcome.model, Path(output_dir, MERGED_DIR), tokenizer)}")
-    publish(outcome, method_args, training_args, "run_clm.py")
+    # merging into 4- or 8-bit weights would round the update away: a quantised base is loaded again, unquantised
+    unquantised = (lambda: load_pretrained(AutoModelForCausalLM, model_path, cache_dir, dtype=clm_args.dtype)
+                   ) if clm_args.quantized else None
+    publish(outcome, method_args, training_args, "run_clm.py", tokenizer, unquantised)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def main(argv=None):
             config=run_config(config_path, training_args, model_args, data_args, method_args),
         )
         print(f"results: {write_results(training_args.output_dir, record)}")
-    publish(outcome, method_args, training_args, "run_glue.py")
+    publish(outcome, method_args, training_args, "run_glue.py", tokenizer)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def main(argv=None):
             config=run_config(config_path, training_args, model_args, data_args, method_args),
         )
         print(f"results: {write_results(output_dir, record)}")
-    publish(outcome, method_args, training_args, "run_summarization.py")
+    publish(outcome, method_args, training_args, "run_summarization.py", tokenizer)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
     shapes, never tensor data."""
     from .adapter_files import (
         BIN_FILE,
+        CONFIG_FILE,
         SAFETENSORS_FILE,
         WeightsFile,
         factor_keys,
@@ -73,8 +74,8 @@ def check_adapter(adapter_dir: str | Path) -> tuple[list[ModuleCheck], dict]:
         read_config,
     )
 
-    folder = Path(adapter_dir)
-    config = read_config(find_config(folder))
+    folder = Path(adapter_dir)  # its top-level adapter (a run's output folder holds the adapters of its stages too)
+    config = read_config(folder / CONFIG_FILE if (folder / CONFIG_FILE).is_file() else find_config(folder))
     weights_path = next((folder / n for n in (SAFETENSORS_FILE, BIN_FILE) if (folder / n).is_file()), None)
     if weights_path is None:
         raise InputError(f"no {SAFETENSORS_FILE} or {BIN_FILE} in {folder}")

@@ -18,17 +18,20 @@ def raise_input_error(message: str):
     raise InputError(message)
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """A file a command will write: refused in one line, before any work, when it is a folder or its folder is
-    missing or not writable."""
+def check_output_file(path: str, flag: str, make_folder: bool = False) -> None:
+    """A file a command will write: refused in one line, before any work, when it is a folder, or its folder is
+    missing (unless the command makes it: `make_folder`) or not writable."""
     target = Path(path)
     if target.is_dir():
         raise InputError(f"{flag} {path} is a folder; give the path of a file to write")
     folder = target.parent
-    if not folder.is_dir():
+    if not folder.is_dir() and not make_folder:
         raise InputError(f"{flag} {path}: no folder {folder} to write it in")
-    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise InputError(f"{flag} {path}: not writable here (check the permissions of {folder})")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise InputError(f"{flag} {path}: not writable here (check the permissions of {existing})")
 
 
 def run_cli(main, argv: list[str] | None = None) -> int:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from peft import PeftModel
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .adapter_files import AdapterFolder
 from .calibration import TOKENS, calibrate, calibration_tokens_wanted, trainer_batches
@@ -139,9 +140,28 @@ def prune_log(report: PruneReport, model: nn.Module) -> dict[str, float]:
 
 def stage_arguments(args: TrainingArguments, stage: Stage) -> TrainingArguments:
     """The run's arguments for one stage: its share of the budget, in its own sub-folder. A stage never pushes to
-    the Hub (its checkpoints are not the result: a stage-1 adapter has rank r0); push the final adapter."""
+    the Hub (its checkpoints are not the result: a stage-1 adapter has rank r0); push the final adapter. Its logged
+    loss keeps a NaN or inf step in (`FiniteTraining` stops there)."""
     return dataclasses.replace(args, output_dir=str(Path(args.output_dir, stage.name)), num_train_epochs=stage.epochs,
-                               max_steps=stage.max_steps, resume_from_checkpoint=None, push_to_hub=False)
+                               max_steps=stage.max_steps, resume_from_checkpoint=None, push_to_hub=False,
+                               logging_nan_inf_filter=False)
+
+
+class FiniteTraining(TrainerCallback):
+    """Stops a stage whose training loss or gradient norm is no longer finite, before the step's checkpoint is
+    saved, so the last good checkpoint stays the latest and no results follow that look like success."""
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                saved = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+                raise InputError(f"{self.stage.name}, step {state.global_step}: the training {key} is {value}, the "
+                                 f"run diverged; {kept}. Lower the learning rate (or the pruned alpha) and resume")
 
 
 @dataclasses.dataclass
@@ -231,6 +251,7 @@ class StageLoop:
                 trainer.add_callback(SensitivityCallback(self.stage_options.sensitivity_beta))
                 if resume is not None:
                     restore_sensitivity(model, json.loads(Path(resume, "trainer_state.json").read_text()))
+            trainer.add_callback(FiniteTraining(stage))
             for callback in self.callbacks:
                 callback.on_stage_begin(stage, trainer, resume)
             if stage.trains:

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 
+from ..adapter_files import PEFT_DEFAULTS
 from ..calibration import TOKENS, TOKENS_PER_RANK
 from ..errors import InputError
 from ..options import ALPHA_MODES, PruneOptions
@@ -47,8 +48,17 @@ class ModelArguments:
 class MethodArguments:
     _argument_group_name: ClassVar[str] = "LoRPA: method, adapter and pruning"
     _help_first: ClassVar[bool] = True
+    # One budget: a budget flag on the command line replaces the config's (`lorpa.harness.flags`).
+    _one_of: ClassVar[tuple] = (("prune_target_rank", "prune_ratio", "prune_energy", "prune_tolerance",
+                                 "prune_schedule"),)
     method: str = field(default="lorpa", metadata={"help": f"One of {', '.join(METHODS)}"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output folder"})
+    merge_final: bool = field(
+        default=False,
+        metadata={"help": "Also write the final model with the adapter merged into the weights to OUTPUT_DIR/merged, "
+                          "for serving engines without (per-module rank) adapter support; a quantised base "
+                          "(run_clm.py) is merged into a copy loaded unquantised in --torch_dtype"},
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (stage-1 rank r0 for lorpa, init_r for adalora)"})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (stage 1 for lorpa)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input"})
@@ -148,6 +158,8 @@ class MethodArguments:
                                  f"{self.pruned_alpha!r}") from None
             if not math.isfinite(self.pruned_alpha) or self.pruned_alpha <= 0:
                 raise InputError(f"--pruned_alpha must be a positive number or fold, got {self.pruned_alpha:g}")
+        if self.merge_final and self.method == "full":
+            raise InputError("--merge_final merges an adapter; --method full already saves the whole model")
         if self.lora_r < 1:
             raise InputError(f"--lora_r must be a positive integer, got {self.lora_r}")
         if self.lora_alpha <= 0:
@@ -195,11 +207,11 @@ class MethodArguments:
         if not isinstance(config, dict) or config.get("peft_type") != "LORA":
             peft_type = config.get("peft_type") if isinstance(config, dict) else None
             raise InputError(f"{where}: not a LoRA adapter (peft_type {peft_type})")
+        config = {**PEFT_DEFAULTS, **config}  # what peft reads where the file is silent
         ranks = sorted(set((config.get("rank_pattern") or {}).values()))
         if ranks:
             raise InputError(f"{where} was already pruned (ranks {', '.join(map(str, ranks))}); give the unpruned "
-                             "LoRA "
-                             "adapter, or prune this one further with python -m lorpa.prune_adapter")
+                             "LoRA adapter, or prune this one further with lorpa prune")
         if config.get("r") != self.lora_r or config.get("lora_alpha") != self.lora_alpha:
             raise InputError(f"{where} has rank {config.get('r')} and lora_alpha {config.get('lora_alpha')}, but "
                              f"--lora_r is {self.lora_r} and --lora_alpha {self.lora_alpha:g}: pass the adapter's "

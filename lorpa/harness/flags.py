@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def build_parser(dataclass_types, description: str | None = None, defaults=None)
 def parse_args(dataclass_types, argv: list[str] | None = None, description: str | None = None, defaults=None):
     """Parse dataclass arguments where `--config FILE.yaml` supplies defaults and flags override them.
 
-    Every YAML key must be a flag of the script; an unknown key is an error that names it.
+    Every YAML key must be a flag of the script; an unknown key is an error that names it. A flag of a group that a
+    dataclass declares exclusive (`_one_of`: one budget, say) replaces the config's value of every flag of its
+    group, so a budget given on the command line never meets the config's. Every number must be finite.
     `defaults` replaces dataclass defaults (YAML and flags still override them).
     Returns one instance per dataclass type, then the config path (or None).
     """
@@ -87,6 +90,13 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
         unknown = sorted(set(values) - set(actions) - {"config"})
         if unknown:
             raise InputError(f"unknown key(s) in {config_path}: {', '.join(unknown)}")
+        given = {action.dest for action in parser._actions for option in action.option_strings
+                 if any(arg == option or arg.startswith(option + "=") for arg in argv)}
+        for group in (group for dtype in dataclass_types for group in getattr(dtype, "_one_of", ())):
+            replaced = sorted(key for key in set(group) & set(values) - given if values[key] is not None)
+            if given & set(group) and replaced:
+                print(f"--{', --'.join(sorted(given & set(group)))} replaces {config_path}'s "
+                      f"{', '.join(f'{key}: {values.pop(key)}' for key in replaced)}")
         for key, value in values.items():
             if actions[key].nargs in ("+", "*") and not isinstance(value, list):
                 value = [value]  # `lora_target_modules: all-linear` means the list the flag would give
@@ -94,6 +104,9 @@ def parse_args(dataclass_types, argv: list[str] | None = None, description: str 
     namespace, remaining = parser.parse_known_args(argv)
     if remaining:
         raise InputError(f"unrecognized argument(s): {' '.join(remaining)}")
+    for key, value in vars(namespace).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{key} must be a finite number, got {value}")
     missing = [action.option_strings[0] for action in required if getattr(namespace, action.dest) is None]
     if missing:
         raise InputError(f"missing {', '.join(missing)}: give it on the command line or in the --config file")

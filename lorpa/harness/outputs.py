@@ -4,6 +4,7 @@ minutes later, deep in the optimizer or data loader, as a traceback."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import InputError
@@ -55,6 +56,9 @@ def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> Non
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise InputError(f"output path {output_dir} exists and is not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {output_dir} cannot be written here (check the permissions of {existing})")
     if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
         raise InputError(
             f"output folder {output_dir} is not empty; pass --overwrite_output_dir or --resume_from_checkpoint"

@@ -4,16 +4,21 @@ upload that `--push_to_hub` asks for (the final pruned adapter and its card, nev
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from peft import PeftModel
 
 from ..card import CARD_FILE, model_card
 from ..check_adapter import check_adapter
 from ..hub import push_folder
-from ..layers import lora_layers
+from ..layers import lora_layers, unwrap
 from .arguments import MethodArguments
 
+MERGED_DIR = "merged"
 # What stays on disk only: the stages' checkpoints, the adapters before each retraining, a merged copy.
-NOT_PUSHED = ["stage*/**", "pruned_adapter*/**", "merged/**", "training_args.bin"]
+NOT_PUSHED = ["stage*/**", "pruned_adapter*/**", f"{MERGED_DIR}/**", "training_args.bin"]
 
 
 def write_card(outcome, method_args: MethodArguments, training_args, script: str) -> None:
@@ -45,10 +50,31 @@ def push_result(outcome, training_args) -> str | None:
                        ignore=NOT_PUSHED)
 
 
-def publish(outcome, method_args: MethodArguments, training_args, script: str) -> None:
-    """The card, then the upload when --push_to_hub asks for it (after results.json: a failed upload leaves the
-    finished run on disk and says so in one line)."""
+def save_merged(model, folder: str | Path, tokenizer=None) -> Path:
+    """Merge the adapter into the base weights (peft's `merge_and_unload`) and save a plain transformers model.
+
+    Changes `model` in place: call it after training. The folder loads with `from_pretrained` alone.
+    """
+    model = unwrap(model)
+    merged = model.merge_and_unload() if isinstance(model, PeftModel) else model
+    merged.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
+def publish(outcome, method_args: MethodArguments, training_args, script: str, tokenizer=None,
+            unquantised_base: Callable[[], torch.nn.Module] | None = None) -> None:
+    """After results.json: the card, the merged copy that --merge_final asks for (into `unquantised_base()` when
+    the run's base was quantised), then the upload that --push_to_hub asks for (a failed upload leaves the finished
+    run on disk and says so in one line)."""
     write_card(outcome, method_args, training_args, script)
+    if method_args.merge_final and outcome.trainer.is_world_process_zero():
+        output = Path(training_args.output_dir)
+        model = outcome.model if unquantised_base is None else PeftModel.from_pretrained(unquantised_base(), output)
+        note = "" if unquantised_base is None else (" (the adapter merged into a copy of the base loaded unquantised; "
+                                                    "the quantised weights were not merged into)")
+        print(f"merged model: {save_merged(model, output / MERGED_DIR, tokenizer)}{note}")
     pushed = push_result(outcome, training_args)
     if pushed is not None:
         print(f"pushed: {pushed}")

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from urllib.parse import quote
 
+from ..cli import check_output_file
 from ..errors import InputError
 from ..stages import PRUNE_REPORT_FILE
 from .results import RESULTS_FILE
@@ -210,6 +211,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorpa.report") ->
     if not args.runs_dir.is_dir():
         raise InputError(f"{args.runs_dir} is not a folder")
     prefix = args.out if args.out is not None else args.runs_dir / "summary"
+    for path, flag in ((prefix.with_name(prefix.name + ".md"), "--out"), (args.curve, "--curve")):
+        if path is not None:
+            check_output_file(str(path), flag, make_folder=True)
     tables = build_tables(collect_runs(args.runs_dir, args.metric))
     for table in tables:
         warn_duplicates(table)

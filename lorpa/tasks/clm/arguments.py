@@ -35,12 +35,6 @@ class ClmModelArguments:
     bnb_4bit_compute_dtype: str = field(
         default="bfloat16", metadata={"help": "dtype the 4-bit layers compute in (the QLoRA paper: bfloat16)"}
     )
-    merge_final: bool = field(
-        default=False,
-        metadata={"help": "Also write the final model with the adapter merged into the weights to OUTPUT_DIR/merged, "
-                          "for serving engines without (per-module rank) adapter support; a quantised base is merged "
-                          "into a copy loaded unquantised in --torch_dtype"},
-    )
 
     def __post_init__(self):
         if self.torch_dtype not in DTYPES:
