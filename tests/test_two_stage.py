@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -263,3 +264,42 @@ def test_trl_sft_trainer_runs_both_stages(tmp_path):
     )
     assert isinstance(result.trainer, trl.SFTTrainer) and isinstance(result.trainer.args, trl.SFTConfig)
     assert result.trainer.state.global_step == 3 and set(result.prune_report.ranks.values()) == {2}
+
+
+def run_fsdp_script(out: Path, model_dir: Path, *resume: str):
+    script = Path(__file__).with_name("fsdp_two_stage.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, out,
+               model_dir, *resume]
+    done = processes.run(command, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"process{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_two_stages_under_fsdp2_shard_prune_through_files_reshard_and_resume_to_the_same_result(tmp_path):
+    """Real FSDP2 (`fully_shard`) on two gloo processes: the library's stage loop over a Trainer stand-in that shards
+    as accelerate does on GPUs (tests/fsdp_two_stage.py says why and what it covers)."""
+    model_dir = write_tiny_decoder(tmp_path / "model", "llama")
+    records = run_fsdp_script(tmp_path / "unbroken", model_dir)
+    for record in records:
+        assert record["sharded"] == [True, True]  # stage 1 and the re-sharded pruned stage 2: DTensor shards
+        assert record["global_elements"][1] < record["global_elements"][0]  # stage 2 trains the pruned adapter
+        assert record["steps"] == [2, 2] and record["fresh_model"]
+    for stage in (0, 1):  # each LoRA element lives on exactly one process
+        shards = [record["local_elements"][stage] for record in records]
+        assert min(shards) > 0 and sum(shards) == records[0]["global_elements"][stage]
+    assert records[0]["kept"] == records[1]["kept"] and set(records[0]["ranks"].values()) != {8}
+    assert records[0]["shards"] != records[1]["shards"]  # each process holds its own half
+    run = tmp_path / "unbroken" / "run"
+    assert (run / "stage1" / "adapter" / "adapter_config.json").is_file()  # gathered whole before the prune
+    assert json.loads((run / "prune_report.json").read_text())["scope"] == "global"
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "unbroken", resumed)
+    for rank in (0, 1):
+        (resumed / f"process{rank}.json").unlink()
+    again = run_fsdp_script(resumed, model_dir, str(resumed / "run" / "stage2" / "checkpoint-1"))
+    assert [r["steps"] for r in again] == [[2], [2]]  # only stage 2, from its checkpoint
+    assert again[0]["final"] == records[0]["final"]  # the resumed run ends where the unbroken one ended
+    assert [r["shards"][-1] for r in again] == [r["shards"][-1] for r in records]
