@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .card import CARD_FILE
 from .errors import InputError
 from .options import FILE_SCORES, PruneOptions, resolve
 from .plan import ModuleFactors, PrunePlan, PruneReport, config_changes
@@ -34,6 +33,7 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 TOLERANCE_FILE = "tolerance_search.json"
+CARD_FILE = "README.md"  # the model card: written anew for every output, never copied from the input
 PREFIX = "base_model.model."  # peft's saved keys start here; lorpa's module names do not
 FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.weight$")
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "use_rslora": False}  # LoraConfig's, for keys a config leaves out
@@ -331,22 +331,6 @@ def files_options(adapter_dir, output_dir, options: PruneOptions | None, keyword
     check_output_dir(adapter_dir, output_dir, overwrite)
     remove_stale_staging(output_dir)
     return options, adapter_dir, output_dir
-
-
-def model_card_of(adapter: AdapterFolder, plan: PrunePlan, config: dict, source) -> Callable[[Path], dict[str, str]]:
-    """What `write_pruned_adapter` writes beside the tensors: a model card of the staged adapter, with what
-    `lorpa check` finds on it (`source`: a `lorpa.hub.AdapterSource`)."""
-
-    def describe(staged: Path) -> dict[str, str]:
-        from .card import cut_from, model_card
-        from .check_adapter import check_adapter
-
-        shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
-        engines = check_adapter(staged)[1]["engines"]
-        origin = cut_from(source.describe(), source.url)
-        return {CARD_FILE: model_card(plan.report, config, plan.options, shapes, engines, origin)}
-
-    return describe
 
 
 def pruned_config(adapter: AdapterFolder, report: PruneReport) -> dict:

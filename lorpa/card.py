@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
 
+from .adapter_files import CARD_FILE, AdapterFolder
 from .options import ROTATED_SCORES, PruneOptions
-from .plan import PruneReport
-
-CARD_FILE = "README.md"
+from .plan import PrunePlan, PruneReport
 
 
 def front_matter(config: dict) -> str:
@@ -86,3 +87,18 @@ def model_card(report: PruneReport, config: dict, options: PruneOptions, shapes:
     lines += ["", "It is a standard peft adapter (per-module ranks in `rank_pattern`): "
               "`PeftModel.from_pretrained(base_model, this_folder_or_repo)` loads it with no LoRPA code."]
     return "\n".join(lines) + "\n"
+
+
+def model_card_of(adapter: AdapterFolder, plan: PrunePlan, config: dict, source) -> Callable[[Path], dict[str, str]]:
+    """What `write_pruned_adapter` writes beside the tensors: a model card of the staged adapter, with what
+    `lorpa check` finds on it (`source`: a `lorpa.hub.AdapterSource`)."""
+
+    def describe(staged: Path) -> dict[str, str]:
+        from .check_adapter import check_adapter
+
+        shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
+        engines = check_adapter(staged)[1]["engines"]
+        origin = cut_from(source.describe(), source.url)
+        return {CARD_FILE: model_card(plan.report, config, plan.options, shapes, engines, origin)}
+
+    return describe

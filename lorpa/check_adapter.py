@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import raise_input_error, run_cli
+from .engines import vllm_max_lora_rank
 from .errors import InputError
-
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
 @dataclass
@@ -48,11 +47,6 @@ class EngineVerdict:
     as_peft: bool  # and scales every module as peft does
     setting: str  # what to pass it ("" when nothing)
     why: str  # what stops it, or ""
-
-
-def vllm_max_lora_rank(rank: int) -> int | None:
-    """The smallest value vLLM's --max-lora-rank accepts that holds `rank` (None above its largest)."""
-    return next((value for value in VLLM_MAX_LORA_RANKS if value >= rank), None)
 
 
 def _scaling(alpha: float, rank: int, rslora: bool) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .budgets import choose, module_counts
-from .check_adapter import vllm_max_lora_rank
+from .engines import vllm_max_lora_rank
 from .errors import InputError
 from .lowrank import kept_error, output_error, relative_error, weight_gram
 from .options import ROTATED_SCORES, PruneOptions

@@ -32,8 +32,9 @@ def prune_saved_adapter(adapter: str | os.PathLike, output_dir: str | os.PathLik
     Bad input raises `lorpa.InputError` before anything is written; the output appears all at once (written to
     a staging folder beside `output_dir`, then renamed).
     """
-    from .adapter_files import AdapterFolder, files_options, model_card_of, pruned_config, write_pruned_adapter
+    from .adapter_files import AdapterFolder, files_options, pruned_config, write_pruned_adapter
     from .budgets import check_fits
+    from .card import model_card_of
     from .hub import resolve_adapter
     from .plan import plan_prune
 

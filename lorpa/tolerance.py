@@ -24,13 +24,13 @@ from .adapter_files import (
     TOLERANCE_FILE,
     AdapterFolder,
     files_options,
-    model_card_of,
     progress,
     pruned_config,
     staging_folder,
     write_pruned_adapter,
 )
 from .budgets import parameters
+from .card import model_card_of
 from .errors import InputError
 from .hub import resolve_adapter
 from .options import PruneOptions

@@ -14,9 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorpa
 from lorpa.budgets import choose
-from lorpa.check_adapter import check_adapter, vllm_max_lora_rank
+from lorpa.check_adapter import check_adapter
 from lorpa.check_adapter import main as check_main
 from lorpa.cli import run_cli
+from lorpa.engines import vllm_max_lora_rank
 from lorpa.inspect import inspect_adapter
 from lorpa.inspect import main as inspect_main
 from lorpa.layers import lora_layers

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from ..card import CARD_FILE, model_card
+from ..adapter_files import CARD_FILE
+from ..card import model_card
 from ..check_adapter import check_adapter
 from ..hub import push_folder
 from ..layers import lora_layers, unwrap

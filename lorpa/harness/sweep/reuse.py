@@ -17,7 +17,7 @@ from ..arguments import PRUNE_FLAGS, STAGE_FLAGS, MethodArguments
 from .cells import Cell
 
 # Flags that only decide what happens after stage 1, or whether it is trained here.
-AFTER_STAGE1_KEYS = frozenset({"method", "stage1_adapter", *PRUNE_FLAGS.values(), *STAGE_FLAGS})
+AFTER_STAGE1_KEYS = frozenset({"method", "stage1_adapter", "merge_final", *PRUNE_FLAGS.values(), *STAGE_FLAGS})
 METHOD_DEFAULTS = {field.name: field.default for field in dataclasses.fields(MethodArguments)}
 
 
