@@ -80,7 +80,7 @@ def _choose_mask(shape, on_decoder: bool, masks) -> torch.Tensor | None:
 
 
 @contextmanager
-def _untouched(model: nn.Module):
+def untouched(model: nn.Module):
     """Eval mode and no gradients inside; every module's mode and every RNG restored after."""
     modes = {module: module.training for module in model.modules()}
     cpu_rng = torch.get_rng_state()
@@ -137,7 +137,7 @@ def calibrate(model: nn.Module, batches: Iterable[dict], *, tokens: str = "real"
         hook(name, encoder is not None and id(layer) not in encoder_modules)) for name, layer in layers.items()]
     device = next(model.parameters()).device
     try:
-        with _untouched(model):
+        with untouched(model):
             for batch in batches:
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 current["masks"] = token_masks(batch, tokens, encoder is not None)
