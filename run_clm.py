@@ -70,10 +70,10 @@ def main(argv=None):
         defaults={**TRAINING_DEFAULTS, "calibration_tokens": "loss"},
     )
     check_run_arguments(training_args, method_args)
-    if method_args.prune_tolerance is not None:
-        raise InputError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
-                         "(--selection_split_percentage); prune with a fixed budget here, or search with "
-                         "python -m lorpa.prune_adapter --tolerance T --evaluate COMMAND")
+    if method_args.tolerance_metric == "score":
+        raise InputError("--tolerance_metric score chooses on a held-out selection split, which only run_glue.py "
+                         "carves; here the tolerance is label-free (agreement or kl, on training rows), or search "
+                         "with lorpa prune --tolerance T --evaluate COMMAND")
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     config = load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     check_length(config, data_args)

@@ -78,16 +78,17 @@ def main(argv=None):
         defaults=TRAINING_DEFAULTS,
     )
     check_run_arguments(training_args, method_args)
-    if method_args.prune_tolerance is not None and not data_args.selection_split_percentage:
+    if method_args.tolerance_metric == "score" and not data_args.selection_split_percentage:
         raise InputError("--prune_tolerance chooses the budget on held-out rows: add --selection_split_percentage P, "
-                         "so the validation set is never used to choose")
+                         "so the validation set is never used to choose (or use a label-free --tolerance_metric)")
     task = data_args.task
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     splits = load_glue(data_args, cache_dir)
     if data_args.selection_split_percentage:
         splits = carve_selection_split(splits, data_args.selection_split_percentage, training_args.seed)
-        warn_if_too_coarse(len(splits[SELECTION_SPLIT]), task, method_args.prune_tolerance)
+        if method_args.tolerance_metric in (None, "score"):
+            warn_if_too_coarse(len(splits[SELECTION_SPLIT]), task, method_args.prune_tolerance)
     tokenizer = load_pretrained(AutoTokenizer, model_args.tokenizer_name or model_path, cache_dir)
     encoded = tokenize_glue(splits, tokenizer, data_args)
     set_seed(training_args.seed)

@@ -69,10 +69,10 @@ def main(argv=None):
         defaults={**TRAINING_DEFAULTS, "predict_with_generate": True},
     )
     check_run_arguments(training_args, method_args)
-    if method_args.prune_tolerance is not None:
-        raise InputError("--prune_tolerance chooses on a held-out selection split, which only run_glue.py carves "
-                         "(--selection_split_percentage); prune with a fixed budget here, or search with "
-                         "python -m lorpa.prune_adapter --tolerance T --evaluate COMMAND")
+    if method_args.tolerance_metric == "score":
+        raise InputError("--tolerance_metric score chooses on a held-out selection split, which only run_glue.py "
+                         "carves; here the tolerance is label-free (agreement or kl, on training rows), or search "
+                         "with lorpa prune --tolerance T --evaluate COMMAND")
     if not training_args.predict_with_generate:
         raise InputError("ROUGE is scored on generated summaries: --predict_with_generate must stay true")
     training_args.generation_max_length = training_args.generation_max_length or data_args.val_max_target_length

@@ -189,6 +189,18 @@ def trainer_batches(trainer, count: int | None = None, min_tokens: int | None = 
         seen += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
+def trainer_rows(trainer, rows: int):
+    """Batches of a Trainer's training set in order (collated and split over processes as for evaluation) that hold
+    `rows` rows over all processes (a few more when the last batch is whole)."""
+    world = getattr(trainer.args, "world_size", 1) or 1
+    wanted, seen = -(-rows // world), 0
+    for batch in trainer.get_eval_dataloader(trainer.train_dataset):
+        if seen >= wanted:
+            return
+        yield batch
+        seen += len(next(v for v in batch.values() if isinstance(v, torch.Tensor)))
+
+
 def calibration_tokens_wanted(model, adapter_name: str | None = None) -> int:
     """The default calibration size for `model`: TOKENS_PER_RANK tokens per unit of its largest LoRA rank."""
     model = unwrap(model)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .calibration import IGNORE_INDEX, untouched
+from .errors import InputError
 from .layers import unwrap
 
 TOP_K = 128  # reference log-probabilities kept per position
@@ -86,14 +87,14 @@ def positions(model: nn.Module, batch: dict, output: torch.Tensor):
 
 
 def _outputs(model: nn.Module, batches: list[dict]):
-    """Each batch's compared outputs (float32) and label tokens, the model in eval mode, nothing else touched."""
+    """Each batch's compared outputs and label tokens, the model in eval mode, nothing else touched."""
     device = next(model.parameters()).device
     with untouched(model):
         for batch in batches:
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             output = model(**batch).logits
             values, targets = positions(model, batch, output)
-            yield values.float(), targets
+            yield values.double(), targets  # float64: a small KL is a difference of nearly equal numbers
 
 
 def reference(model: nn.Module, batches: list[dict], top_k: int = TOP_K) -> Reference:
@@ -112,7 +113,7 @@ def reference(model: nn.Module, batches: list[dict], top_k: int = TOP_K) -> Refe
         recorded.batches.append({"top": top.cpu(), "index": index.cpu(), "rest": None if rest is None else rest.cpu(),
                                  "label": None if label is None else label.cpu(), "argmax": index[:, 0].cpu()})
     if recorded is None:
-        raise ValueError("fidelity needs at least one batch")
+        raise InputError("fidelity needs at least one batch of inputs")
     return recorded
 
 
@@ -136,8 +137,8 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 def compare(model: nn.Module, batches: list[dict], recorded: Reference) -> Fidelity:
     """The pruned `model` against `recorded` (`reference` of the uncut one on the same `batches`); under
     torch.distributed every process passes its own batches and gets the numbers over all of them."""
-    kls, same, tails, nll = [], [], [], [0.0, 0.0]
-    squared, predictions = [], []
+    kls, same, tails, squared, predictions = [], [], [], [], []
+    nll_uncut = nll_pruned = labelled = 0
     for (values, targets), uncut in zip(_outputs(model, batches), recorded.batches):
         if recorded.regression:
             squared += (values[:, 0].cpu().double() - uncut["value"].double()).square().tolist()
@@ -154,8 +155,9 @@ def compare(model: nn.Module, batches: list[dict], recorded: Reference) -> Fidel
         kls += kl.clamp_min(0).double().tolist()
         same += (log_q.argmax(-1) == uncut["argmax"]).tolist()
         if targets is not None and uncut["label"] is not None:
-            nll[0] -= float(uncut["label"].double().sum())
-            nll[1] -= float(log_q.gather(-1, targets.cpu().clamp_min(0)[:, None]).double().sum())
+            nll_uncut -= float(uncut["label"].double().sum())
+            nll_pruned -= float(log_q.gather(-1, targets.cpu().clamp_min(0)[:, None]).double().sum())
+            labelled += len(targets)
     if recorded.regression:
         squared, predictions = _gather(squared), _gather(predictions)
         variance = max(torch.tensor(predictions).var(unbiased=False).item(), 1e-12)
@@ -164,16 +166,17 @@ def compare(model: nn.Module, batches: list[dict], recorded: Reference) -> Fidel
     else:
         kls, same, tails = _gather(kls), _gather(same), _gather(tails)
         agreement, error = 100 * sum(same) / len(same), None
-        nll = [sum(part) for part in zip(*_gather([nll]))] if nll[0] else nll
+    nll_uncut, nll_pruned, labelled = (sum(part) for part in zip(*_gather([(nll_uncut, nll_pruned, labelled)])))
+    ratio = math.exp((nll_pruned - nll_uncut) / labelled) if labelled else None
     ordered = sorted(kls)
-    labelled = sum(len(b.get("label") if b.get("label") is not None else []) for b in recorded.batches)
-    positions_counted = len(ordered)
-    ratio = math.exp((nll[1] - nll[0]) / max(_total(labelled), 1)) if nll[0] else None
-    return Fidelity(agreement, sum(ordered) / positions_counted, _percentile(ordered, 0.5),
-                    _percentile(ordered, 0.9), _percentile(ordered, 0.99), positions_counted, ratio, error,
-                    sum(tails) / len(tails) if tails else None)
+    return Fidelity(agreement, sum(ordered) / len(ordered), _percentile(ordered, 0.5), _percentile(ordered, 0.9),
+                    _percentile(ordered, 0.99), len(ordered), ratio, error, sum(tails) / len(tails) if tails else None)
 
 
-def _total(count: int) -> int:
-    """`count` summed over the processes."""
-    return sum(_gather([count]))
+def criterion(metric: str, batches: list[dict], recorded: Reference):
+    """What a label-free tolerance search measures of each candidate: its agreement (%) or its mean KL."""
+    if metric == "agreement" and recorded.regression:
+        raise InputError("tolerance_metric agreement needs top-1 answers, which a regression head does not give; "
+                         "use kl")
+    key = "agreement" if metric == "agreement" else "kl_mean"
+    return lambda model: getattr(compare(model, batches, recorded), key)

@@ -22,6 +22,7 @@ REWINDS = ("none", "init")
 ALPHA_MODES = ("keep_scaling", "fold")  # or a number
 SVD_SPLITS = ("balanced", "orthonormal_a")
 GLOBAL_NORMS = ("absolute", "relative")
+TOLERANCE_METRICS = ("score", "agreement", "kl")
 BUDGETS = ("target_rank", "ratio", "total_rank", "energy", "tolerance")
 REPORTED = ("score", "scope", "rewind", "svd_split", "global_norm")  # the settings a prune report records
 
@@ -41,8 +42,15 @@ class PruneOptions:
                 "(0, 1]: per module in module scope (as peft's convert_to_lora takes a float rank), one threshold "
                 "over all modules in global scope"})
     tolerance: float | None = field(default=None, metadata={
-        "help": "the smallest global budget whose score stays within this much of the unpruned adapter's (a "
-                "search: each candidate is cut and evaluated), >= 0"})
+        "help": "the smallest global budget that stays close to the unpruned adapter (a search: each candidate is cut "
+                "and evaluated), by tolerance_metric: within this many points of its score, or with at least this "
+                "percent of top-1 answers unchanged (agreement), or at most this mean KL (kl)"})
+    tolerance_metric: str | None = field(default=None, metadata={
+        "metavar": "|".join(TOLERANCE_METRICS),
+        "help": "what a tolerance search holds candidates to: score (a labelled evaluation: points below the "
+                "unpruned adapter's), or, with no labels, agreement (percent of the uncut adapter's top-1 answers "
+                "kept) or kl (mean KL(uncut ‖ pruned) per position). Default: score when a labelled evaluation is "
+                "given, else agreement (kl for a regression head)"})
     score: str | None = field(default=None, metadata={
         "metavar": "|".join(SCORES),
         "help": "how components are ranked: magnitude (the paper's ‖B[:,i]‖₁·‖A[i,:]‖₁), elementwise (the authors' "
@@ -115,6 +123,11 @@ class PruneOptions:
             raise InputError(f"energy must be in (0, 1], got {self.energy!r}")
         if self.tolerance is not None and (not _number(self.tolerance) or self.tolerance < 0):
             raise InputError(f"tolerance must be a number >= 0, got {self.tolerance!r}")
+        if self.tolerance is not None and self.tolerance_metric == "agreement" and self.tolerance > 100:
+            raise InputError(f"tolerance with tolerance_metric agreement is a percentage, at most 100, got "
+                             f"{self.tolerance!r}")
+        if self.tolerance_metric is not None and self.tolerance is None:
+            raise InputError("tolerance_metric says what a tolerance search holds candidates to: give tolerance too")
         if self.target_rank is not None and (not _positive_int(self.target_rank) or self.target_rank < self.min_rank):
             raise InputError(f"target_rank must be an integer >= min_rank ({self.min_rank}), got {self.target_rank!r}")
         if self.total_rank is not None and not _positive_int(self.total_rank):
@@ -124,7 +137,7 @@ class PruneOptions:
 
     def _check_choices(self) -> None:
         for name, choices in (("score", SCORES), ("scope", SCOPES), ("rewind", REWINDS), ("svd_split", SVD_SPLITS),
-                              ("global_norm", GLOBAL_NORMS)):
+                              ("global_norm", GLOBAL_NORMS), ("tolerance_metric", TOLERANCE_METRICS)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
@@ -172,11 +185,17 @@ class PruneOptions:
     def at_total(self, components: int) -> PruneOptions:
         """The same prune with one budget of `components` over all modules (a candidate of a search)."""
         return dataclasses.replace(self, target_rank=None, ratio=None, energy=None, tolerance=None,
-                                   total_rank=components, scope="global")
+                                   tolerance_metric=None, total_rank=components, scope="global")
 
     def at_energy(self, energy: float) -> PruneOptions:
         """The same prune keeping the share `energy` of the squared amplitudes."""
-        return dataclasses.replace(self, target_rank=None, ratio=None, total_rank=None, tolerance=None, energy=energy)
+        return dataclasses.replace(self, target_rank=None, ratio=None, total_rank=None, tolerance=None,
+                                   tolerance_metric=None, energy=energy)
+
+    def search_metric(self, labelled: bool) -> str | None:
+        """What a tolerance search holds candidates to, given whether a labelled evaluation is at hand: the metric
+        asked for, else score with labels; None: label-free, agreement or kl as the model's head allows."""
+        return self.tolerance_metric or ("score" if labelled else None)
 
     def bounds(self, rank: int) -> tuple[int, int]:
         """(fewest, most) components a module of rank `rank` may keep."""

@@ -77,6 +77,7 @@ class PruneReport:
     global_norm: str | None = None  # how a rotated score's components are ranked across modules (global scope)
     folded: bool = False  # each module's scaling multiplied into its B, alpha = rank, no rsLoRA: scaling 1 everywhere
     modules: dict[str, ModulePruning] = field(default_factory=dict)
+    fidelity: dict | None = None  # the pruned model against the uncut one on unlabelled inputs (`lorpa.fidelity`)
 
     @property
     def ranks(self) -> dict[str, int]:

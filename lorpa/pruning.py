@@ -16,6 +16,7 @@ import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
 
+from . import fidelity
 from .budgets import check_fits, parameters
 from .calibration import CALIBRATION_ATTR, layer_calibration
 from .errors import InputError
@@ -184,19 +185,33 @@ def prune(model: nn.Module, options: PruneOptions | None = None, *, adapter_name
     return plan.report
 
 
-def prune_to_tolerance(model: nn.Module, evaluate: Callable[[nn.Module], float], tolerance: float | None = None,
-                       options: PruneOptions | None = None, *, adapter_name: str | None = None,
+def prune_to_tolerance(model: nn.Module, evaluate: Callable[[nn.Module], float] | None = None,
+                       tolerance: float | None = None, options: PruneOptions | None = None, *,
+                       batches: list[dict] | None = None, adapter_name: str | None = None,
                        **keywords) -> tuple[PruneReport, ToleranceSearch]:
-    """Prune `model` in place to the smallest global budget whose `evaluate(model)` score stays within `tolerance`
-    (or `options.tolerance`) of the unpruned model's (`lorpa.tolerance`); every candidate is recorded.
+    """Prune `model` in place to the smallest global budget that stays close to the unpruned model
+    (`lorpa.tolerance`); every candidate is recorded. `tolerance` (or `options.tolerance`) is read by
+    `options.tolerance_metric`:
 
-    evaluate(model) -> float: higher is better, in the units of the tolerance (e.g. accuracy × 100 and 0.5 points).
-    The components are scored once; each candidate is cut from the same unpruned factors.
+    score: `evaluate(model)` (higher is better, e.g. accuracy × 100 on held-out rows) within `tolerance` points;
+    agreement / kl (label-free, on `batches` of unlabelled inputs): at least `tolerance` percent of the uncut
+        model's top-1 answers unchanged / at most `tolerance` mean KL(uncut ‖ pruned) (`lorpa.fidelity`).
+    Default: score with `evaluate`, else agreement (kl for a regression head). The components are scored once;
+    each candidate is cut from the same unpruned factors.
     """
     options = resolve(options, keywords if tolerance is None else {**keywords, "tolerance": tolerance},
-                            retrained=False)
+                      retrained=False)
     if options.tolerance is None:
-        raise InputError("prune_to_tolerance needs tolerance: how far below the unpruned score a candidate may be")
+        raise InputError("prune_to_tolerance needs tolerance: how close to the unpruned model a candidate must stay")
+    metric = options.search_metric(evaluate is not None)
+    if metric == "score" and evaluate is None:
+        raise InputError("tolerance_metric score needs evaluate(model) -> score; without labels use agreement or kl")
+    if metric != "score":
+        if not batches:
+            raise InputError("a label-free tolerance (agreement, kl) needs batches of inputs to compare answers on")
+        recorded = fidelity.reference(model, batches)
+        metric = metric or ("kl" if recorded.regression else "agreement")
+        evaluate = fidelity.criterion(metric, batches, recorded)
     model, adapter_name, layers = check_prune(model, options, adapter_name)
     modules = live_modules(layers, adapter_name)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
@@ -212,7 +227,7 @@ def prune_to_tolerance(model: nn.Module, evaluate: Callable[[nn.Module], float],
 
     search = search_budget(candidate, sum(options.bounds(r)[0] for r in ranks.values()),
                            sum(options.bounds(r)[1] for r in ranks.values()), sum(ranks.values()),
-                           parameters(shapes, ranks), reference, options.tolerance)
+                           parameters(shapes, ranks), reference, options.tolerance, metric)
     plan = plan_live(scored, options.at_total(search.kept))
     apply_plan(model, adapter_name, modules, plan)
     return plan.report, search

@@ -46,13 +46,14 @@ class Candidate:
 
 @dataclass
 class ToleranceSearch:
-    reference: float  # the unpruned adapter's score
+    reference: float  # the unpruned adapter's score (agreement: 100; kl: 0)
     tolerance: float
     full_rank: int  # the unpruned adapter's total rank
     full_parameters: int
     candidates: list[Candidate] = field(default_factory=list)  # in the order they were evaluated
     kept: int | None = None  # total rank of the adapter kept
     within: bool = True  # False: no budget a cap (max_rank) allows stays within the tolerance; the largest is kept
+    metric: str = "score"  # what the candidates' `score` is: a labelled score, agreement (%) or mean KL
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,8 +64,9 @@ class ToleranceSearch:
 
 
 def search_budget(evaluate: Callable[[int], Candidate], lowest: int, highest: int, full_rank: int,
-                  full_parameters: int, reference: float, tolerance: float) -> ToleranceSearch:
-    """Bisection over total ranks in [lowest, highest] for the smallest whose score is >= reference − tolerance.
+                  full_parameters: int, reference: float, tolerance: float, metric: str = "score") -> ToleranceSearch:
+    """Bisection over total ranks in [lowest, highest] for the smallest that qualifies: by `metric`, a score >=
+    reference − tolerance, an agreement >= tolerance (percent), or a mean KL <= tolerance.
 
     `evaluate(budget)` truncates to `budget` components and scores the result. The unpruned adapter (highest ==
     full_rank) qualifies by definition and is not evaluated again; a lower `highest` (a rank cap) is tried first.
@@ -74,8 +76,13 @@ def search_budget(evaluate: Callable[[int], Candidate], lowest: int, highest: in
             raise InputError(f"{name} must be a finite number, got {value}")
     if tolerance < 0:
         raise InputError(f"tolerance must be >= 0, got {tolerance}")
-    search = ToleranceSearch(reference, tolerance, full_rank, full_parameters)
+    search = ToleranceSearch(reference, tolerance, full_rank, full_parameters, metric=metric)
     low, high = lowest, highest  # `high` qualifies
+
+    def qualifies(value: float) -> bool:
+        if metric == "kl":
+            return value <= tolerance
+        return value >= (tolerance if metric == "agreement" else reference - tolerance)
 
     def scored(budget: int) -> Candidate:
         candidate = evaluate(budget)
@@ -84,12 +91,12 @@ def search_budget(evaluate: Callable[[int], Candidate], lowest: int, highest: in
         search.candidates.append(candidate)
         return candidate
 
-    if highest < full_rank and scored(highest).score < reference - tolerance:
+    if highest < full_rank and not qualifies(scored(highest).score):
         search.kept, search.within = highest, False
         return search
     while low < high:
         middle = (low + high) // 2
-        if scored(middle).score >= reference - tolerance:
+        if qualifies(scored(middle).score):
             high = middle
         else:
             low = middle + 1

@@ -28,8 +28,9 @@ from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from . import fidelity
 from .adapter_files import AdapterFolder
-from .calibration import TOKENS, calibrate, calibration_tokens_wanted, trainer_batches
+from .calibration import TOKENS, calibrate, calibration_tokens_wanted, trainer_batches, trainer_rows
 from .checkpoints import find_resume_point, read_records, redo_from, write_json_atomic
 from .distributed import release_training_wrapper
 from .errors import InputError
@@ -54,6 +55,7 @@ class StageOptions:
     calibration_batches: int | None = None  # batches `lorpa.calibrate` runs before each prune (activation score)
     calibration_tokens: str = "real"  # which positions the calibration counts (`lorpa.calibrate`)
     sensitivity_beta: float = DEFAULT_BETA  # moving-average factor of the sensitivity score
+    fidelity_rows: int = 256  # training rows each prune's fidelity to the uncut adapter is measured on (0: none)
 
     def __post_init__(self):
         if not 0 < self.stage1_ratio <= 1:
@@ -71,6 +73,8 @@ class StageOptions:
                              f"{', '.join(TOKENS)}")
         if not 0 <= self.sensitivity_beta < 1:
             raise InputError(f"sensitivity_beta must be in [0, 1), got {self.sensitivity_beta}")
+        if not isinstance(self.fidelity_rows, int) or self.fidelity_rows < 0:
+            raise InputError(f"fidelity_rows must be an integer >= 0, got {self.fidelity_rows}")
 
     def schedule(self, r0: int) -> list[tuple[float, int | None]]:
         """(fraction of the budget after which to prune, target rank) per prune; None: the options' budget."""
@@ -111,6 +115,11 @@ class TwoStageResult:
     prune_report: PruneReport | None  # the last prune's
     prune_reports: list[PruneReport] = dataclasses.field(default_factory=list)  # every prune, in order
     tolerance_search: ToleranceSearch | None = None  # with a tolerance: every candidate budget and the one kept
+
+    @property
+    def fidelity(self) -> dict | None:
+        """The last prune's fidelity to the uncut adapter (`lorpa.fidelity.Fidelity` as a dict), when measured."""
+        return None if self.prune_report is None else self.prune_report.fidelity
 
 
 class StageCallback:
@@ -180,10 +189,16 @@ class StageLoop:
 
     def check(self, model: nn.Module) -> None:
         """Everything that can be checked before stage 1, so a bad option fails in seconds, not after training."""
-        if self.options.tolerance is not None and (self.evaluate is None or self.stage_options.retrains
+        if self.options.tolerance is not None and (self.stage_options.retrains
                                                    or self.stage_options.prune_schedule is not None):
-            raise InputError("a tolerance chooses the budget of a cut at the end: pass evaluate, stage1_ratio=1.0, no "
+            raise InputError("a tolerance chooses the budget of a cut at the end: pass stage1_ratio=1.0, no "
                              "retraining and no prune_schedule")
+        labelled = self.options.search_metric(self.evaluate is not None) == "score"
+        if self.options.tolerance is not None and labelled and self.evaluate is None:
+            raise InputError("tolerance_metric score needs evaluate(model) -> score on held-out rows")
+        if self.options.tolerance is not None and not labelled and not self.stage_options.fidelity_rows:
+            raise InputError("a label-free tolerance (agreement, kl) compares answers on training rows: give "
+                             "fidelity_rows > 0, or evaluate for a labelled score")
         check_prune(model, self.options, calibrated=False)
         if fsdp_requested(self.args):
             check_sharded_options(self.options, self.stage_options.calibrates(self.options))
@@ -222,6 +237,9 @@ class StageLoop:
             model = PeftModel.from_pretrained(self.make_model(), adapter_dir, is_trainable=True)
         else:
             tokens = None
+            # labels, where the batches have them, only mark the positions that count and give the perplexity ratio
+            rows = list(trainer_rows(trainer, self.stage_options.fidelity_rows))
+            uncut = fidelity.reference(model, rows) if rows else None
             if self.stage_options.calibrates(options):
                 wanted = calibration_tokens_wanted(model)
                 batches = trainer_batches(trainer, self.stage_options.calibration_batches, wanted)
@@ -229,8 +247,12 @@ class StageLoop:
             if options.tolerance is None:
                 step = PruneStep(prune(model, options), tokens)
             else:
-                report, search = prune_to_tolerance(model, self.evaluate, options=options)
+                labelled = options.search_metric(self.evaluate is not None) == "score"
+                report, search = prune_to_tolerance(model, self.evaluate if labelled else None, options=options,
+                                                    batches=rows)
                 step = PruneStep(report, tokens, search)
+            if uncut is not None:
+                step.report.fidelity = fidelity.compare(model, rows, uncut).to_dict()
             trainer.save_model(str(adapter_dir))
         if trainer.is_world_process_zero():
             write_json_atomic(report_file, step.report.to_dict())

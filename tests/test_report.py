@@ -331,7 +331,8 @@ def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp
         path = runs / "lorpa" / f"mrpc-{seed}" / "results.json"
         record_ = json.loads(path.read_text())
         record_["prunes"] = [{"mean_relative_error": 0.1 * (seed + 1), "after": {"accuracy": 0.5 + 0.1 * seed},
-                              "mean_output_error": None if seed == 2 else 0.05 * (seed + 1)}]  # seed 2 uncalibrated
+                              "mean_output_error": None if seed == 2 else 0.05 * (seed + 1),  # seed 2 uncalibrated
+                              "fidelity": {"agreement": 97.0 + seed, "kl_mean": 0.001 * (seed + 1)}}]
         path.write_text(json.dumps(record_))
     assert run_cli(main, [str(runs), "--out", str(tmp_path / "t"), "--paired", "LoRA r=8"]) == 0
     out = capsys.readouterr().out
@@ -344,8 +345,9 @@ def test_paired_differences_and_prune_records_against_hand_computation(runs, tmp
     prune_line = next(line for line in out.split("What the last prune kept")[1].splitlines()
                       if line.startswith("| LoRPA"))
     cells = [cell.strip() for cell in prune_line.split("|")]
-    # output error: mean of the calibrated seeds
-    assert cells[2] == "0.200" and cells[3] == "0.075" and cells[4] == "60.0"
+    # output error: mean of the calibrated seeds; agreement and KL with the uncut adapter: means over seeds
+    assert cells[2] == "0.200" and cells[3] == "0.075" and cells[6] == "60.0"
+    assert cells[4] == "98.00" and cells[5] == "0.002"
 
 
 def test_the_rank_curve_draws_one_line_per_method_through_its_ranks(tmp_path, capsys):

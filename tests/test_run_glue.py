@@ -213,7 +213,7 @@ BAD_INPUTS = {
     "calibration tokens": (["--calibration_tokens", "all"], "unknown --calibration_tokens 'all'"),
     "global norm": (["--global_norm", "softmax"], "unknown --global_norm 'softmax'"),
     "tolerance without a selection split": (["--prune_target_rank", None, "--prune_tolerance", "0.5",
-                                             "--stage1_ratio", "1.0"],
+                                             "--stage1_ratio", "1.0", "--tolerance_metric", "score"],
                                             "--prune_tolerance chooses the budget on held-out rows: "
                                             "add --selection_split_percentage"),
     "tolerance before the end": (["--prune_target_rank", None, "--prune_tolerance", "0.5"],

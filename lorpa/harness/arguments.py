@@ -107,6 +107,7 @@ class MethodArguments:
     prune_tolerance: float | None = field(default=None, metadata={
         "help": PruneOptions.help("tolerance") + ", in points (the main metric ×100) on the selection split (GLUE, "
                 "with --selection_split_percentage and --stage1_ratio 1.0)"})
+    tolerance_metric: str | None = field(default=None, metadata={"help": PruneOptions.help("tolerance_metric")})
     prune_max_rank: int | None = field(default=None, metadata={"help": PruneOptions.help("max_rank")})
     prune_rank_multiple: int = field(default=1, metadata={"help": PruneOptions.help("rank_multiple")})
     prune_score: str | None = field(default=None, metadata={"help": PruneOptions.help("score")})
@@ -132,6 +133,9 @@ class MethodArguments:
         default=0.85, metadata={"help": "With --prune_score sensitivity, the moving-average factor (AdaLoRA's 0.85)"}
     )
     min_rank: int = field(default=1, metadata={"help": PruneOptions.help("min_rank")})
+    fidelity_rows: int = field(
+        default=256, metadata={"help": "Training rows (in order) on which each prune's fidelity to the uncut adapter "
+                                       "is measured: top-1 agreement and KL (lorpa.fidelity); 0 measures none"})
     adalora_target_r: int = field(default=8, metadata={"help": "AdaLoRA's average target rank"})
     adalora_tinit_ratio: float = field(
         default=0.1, metadata={"help": "AdaLoRA warm-up before budgeting, as a fraction of steps"})
@@ -240,12 +244,13 @@ class MethodArguments:
 
 # The library's option behind each flag whose name differs from it: errors name the flag the user typed.
 PRUNE_FLAGS = {"target_rank": "prune_target_rank", "ratio": "prune_ratio", "energy": "prune_energy",
-               "tolerance": "prune_tolerance", "max_rank": "prune_max_rank", "rank_multiple": "prune_rank_multiple",
+               "tolerance": "prune_tolerance", "tolerance_metric": "tolerance_metric", "max_rank": "prune_max_rank",
+               "rank_multiple": "prune_rank_multiple",
                "score": "prune_score", "scope": "prune_scope", "alpha": "pruned_alpha", "min_rank": "min_rank",
                "rewind": "rewind", "svd_split": "svd_split", "global_norm": "global_norm"}
 BUDGET_FLAGS = ("prune_target_rank", "prune_ratio", "prune_energy", "prune_tolerance")
 STAGE_FLAGS = ("stage1_ratio", "prune_schedule", "stage2_epochs", "stage2_steps", "calibration_batches",
-               "calibration_tokens", "sensitivity_beta")
+               "calibration_tokens", "sensitivity_beta", "fidelity_rows")
 
 
 COMMON_WORDS = ("ratio", "energy", "tolerance", "score", "scope", "rewind", "alpha")  # named as flags only up front

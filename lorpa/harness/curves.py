@@ -13,23 +13,26 @@ TOLERANCE_PLOT_FILE = "tolerance_curve.png"
 
 
 def plot_tolerance(search: dict, out_path) -> Path:
-    """The candidates of one `lorpa.tolerance` search: score against adapter parameters, the unpruned adapter's
-    score with the tolerance band below it, and the kept candidate marked."""
+    """The candidates of one `lorpa.tolerance` search: its metric (a score, the agreement with the uncut adapter or
+    the mean KL from it) against adapter parameters, the unpruned adapter's value, the band that qualifies, and the
+    kept candidate marked."""
     candidates = sorted(search["candidates"], key=lambda c: c["parameters"])
     fig = Figure(figsize=(6.5, 4.0), layout="constrained")
     ax = fig.subplots()
     ax.plot([c["parameters"] for c in candidates], [c["score"] for c in candidates], "o-", color="tab:blue",
             label="candidates (one truncation and one evaluation each)")
-    reference, tolerance = search["reference"], search["tolerance"]
+    reference, tolerance, metric = search["reference"], search["tolerance"], search.get("metric", "score")
     ax.axhline(reference, color="black", linewidth=1, label=f"unpruned ({search['full_parameters']:,} parameters)")
-    ax.axhspan(reference - tolerance, reference, color="tab:green", alpha=0.15, label=f"within {tolerance:g}")
+    band = {"score": (reference - tolerance, reference), "agreement": (tolerance, 100), "kl": (0, tolerance)}[metric]
+    ax.axhspan(*band, color="tab:green", alpha=0.15, label=f"qualifies ({metric} {tolerance:g})")
     kept = [c for c in candidates if c["total_rank"] == search["kept"]]
     if kept:
         ax.plot([kept[0]["parameters"]], [kept[0]["score"]], "*", color="tab:red", markersize=14,
                 label=f"kept: total rank {search['kept']}")
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters")
-    ax.set_ylabel("score on the selection split")
+    ax.set_ylabel({"score": "score on the selection split", "agreement": "% of the uncut adapter's top-1 answers",
+                   "kl": "mean KL(uncut ‖ candidate)"}[metric])
     ax.legend(fontsize=8, loc="lower right")
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=110, format="png")

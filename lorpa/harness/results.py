@@ -51,6 +51,7 @@ def results_record(outcome: TrainingOutcome, *, task: str, model: str, method: s
         "ranks": final["ranks"],
         "stage1_ranks": outcome.stage1_ranks,
         "prune": None if report is None else {k: report.get(k) for k in REPORTED},
+        "fidelity": None if report is None else report.get("fidelity"),
         "prunes": outcome.prunes,
         "train_runtime_s": sum(stage["train_runtime_s"] for stage in outcome.stages),
         "stages": outcome.stages,

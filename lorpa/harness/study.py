@@ -93,26 +93,36 @@ def prune_table(table, rows: list[str], after_values, decimals: int) -> list[str
     error (on the calibration inputs) is shown for rows whose prunes were calibrated.
     """
     errors, outputs, after = defaultdict(list), defaultdict(list), defaultdict(lambda: defaultdict(list))
+    agreements, kls = defaultdict(list), defaultdict(list)
     for run in table.runs:
         record = prune_record(run.folder)
         if record is None:
             continue
-        for key, found in (("mean_relative_error", errors), ("mean_output_error", outputs)):
-            if isinstance(record.get(key), (int, float)):
-                found[run.row].append(record[key])
+        fidelity = record.get("fidelity") or {}
+        for key, found, source in (("mean_relative_error", errors, record), ("mean_output_error", outputs, record),
+                                   ("agreement", agreements, fidelity), ("kl_mean", kls, fidelity)):
+            if isinstance(source.get(key), (int, float)):
+                found[run.row].append(source[key])
         for column, value in after_values(record.get("after") or {}, run).items():
             after[run.row][column].append(value)
     shown = [row for row in rows if row in errors or row in after]
     if not shown:
         return []
+    fidelity = any(agreements.values()) or any(kls.values())  # runs that measured it (lorpa.fidelity)
     lines = ["What the last prune kept (before any retraining): mean relative error over modules of ΔW and, where "
-             "the prune was calibrated, of ΔW·X on the calibration inputs, and the validation score right after "
-             "the prune (mean over seeds):", "",
-             "| Method | ΔW rel. error | ΔW·X rel. error | " + " | ".join(table.columns) + " |",
-             "|---|---:|---:|" + "---:|" * len(table.columns)]
+             "the prune was calibrated, of ΔW·X on the calibration inputs; "
+             + ("its fidelity to the uncut adapter on unlabelled training rows (% of top-1 answers unchanged, mean "
+                "KL(uncut ‖ pruned)); " if fidelity else "")
+             + "and the validation score right after the prune (mean over seeds):", "",
+             "| Method | ΔW rel. error | ΔW·X rel. error | " + ("agreement % | KL | " if fidelity else "")
+             + " | ".join(table.columns) + " |",
+             "|---|---:|---:|" + ("---:|---:|" if fidelity else "") + "---:|" * len(table.columns)]
     for row in shown:
-        error = f"{statistics.fmean(errors[row]):.3f}" if errors[row] else ""
-        output = f"{statistics.fmean(outputs[row]):.3f}" if outputs[row] else ""
-        values = [f"{statistics.fmean(after[row][c]):.{decimals}f}" if after[row][c] else "" for c in table.columns]
-        lines.append(f"| {_escape(row)} | {error} | {output} | " + " | ".join(values) + " |")
+        cells = [f"{statistics.fmean(errors[row]):.3f}" if errors[row] else "",
+                 f"{statistics.fmean(outputs[row]):.3f}" if outputs[row] else ""]
+        if fidelity:
+            cells += [f"{statistics.fmean(agreements[row]):.2f}" if agreements[row] else "",
+                      f"{statistics.fmean(kls[row]):.2g}" if kls[row] else ""]
+        cells += [f"{statistics.fmean(after[row][c]):.{decimals}f}" if after[row][c] else "" for c in table.columns]
+        lines.append(f"| {_escape(row)} | " + " | ".join(cells) + " |")
     return lines + [""]

@@ -28,6 +28,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
 from ..checkpoints import read_records, write_json_atomic
+from ..fidelity import Fidelity
 from ..layers import lora_layers
 from ..plan import PruneReport
 from ..stages import Stage
@@ -172,6 +173,8 @@ class RunRecorder(StageCallback):
             sys.stdout.write(tolerance_summary(search) + "\n")
         # One write per line: replicas share stdout, and print's separate newline write interleaves.
         sys.stdout.write(pruning_summary(report, trainer.args.process_index) + "\n")
+        if report.fidelity is not None and trainer.is_world_process_zero():
+            sys.stdout.write(f"fidelity to the uncut adapter: {Fidelity(**report.fidelity).describe()}\n")
         sys.stdout.flush()
         following = self.stages[self.stages.index(stage) + 1]
         after = _metrics(self.make_trainer(model, stage_arguments(trainer.args, following)).evaluate())
@@ -181,6 +184,7 @@ class RunRecorder(StageCallback):
             "mean_relative_error": report.mean_relative_error,
             "mean_output_error": report.mean_output_error,
             "calibration_tokens": step.calibration_tokens,
+            "fidelity": report.fidelity,
             **({} if search is None else {"tolerance": search.to_dict()}),
             "before": {k: v for k, v in summary["history"][-1].items() if k not in ("epoch", "step")},
             "after": after,
