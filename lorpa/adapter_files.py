@@ -338,9 +338,14 @@ def pruned_config(adapter: AdapterFolder, report: PruneReport) -> dict:
     return {**adapter.config, **config_changes(report)}
 
 
+def json_text(data) -> str:
+    """The layout of lorpa's JSON outputs."""
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
 def write_json(path: Path, data) -> None:
-    """The layout of lorpa's other JSON outputs; atomicity comes from renaming the whole folder."""
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    """Atomicity comes from renaming the whole folder."""
+    path.write_text(json_text(data))
 
 
 def check_output_dir(source: Path, output_dir: Path, overwrite: bool) -> None:

@@ -9,9 +9,10 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from .adapter_files import CARD_FILE, AdapterFolder
+from .adapter_files import CARD_FILE, AdapterFolder, json_text
 from .options import ROTATED_SCORES, PruneOptions
 from .plan import PrunePlan, PruneReport
+from .stages import PRUNE_REPORT_FILE
 
 
 def front_matter(config: dict) -> str:
@@ -78,6 +79,12 @@ def model_card(report: PruneReport, config: dict, options: PruneOptions, shapes:
                      f"{kept:.4f}.")
     lines.append("Each module's scaling is folded into its B (alpha = rank, scaling 1)." if report.folded else
                  "Each module keeps its own alpha / r (alpha_pattern).")
+    if report.fidelity is not None:
+        measured = report.fidelity
+        agreement = "" if measured["agreement"] is None else f"{measured['agreement']:.2f}% of top-1 answers kept, "
+        lines.append(f"Against the source on {measured['positions']} compared positions of unlabelled rows: "
+                     f"{agreement}mean KL(source ‖ this) {measured['kl_mean']:.3g} (p90 {measured['kl_p90']:.3g}, "
+                     f"p99 {measured['kl_p99']:.3g}).")
     lines += ["", "## Ranks kept", "", *rank_table(report), "", "Per module: `prune_report.json`.", "",
               "## Serving", "", "| engine | loads it | scales it as peft | pass |", "|---|---|---|---|"]
     for verdict in engines:
@@ -89,16 +96,21 @@ def model_card(report: PruneReport, config: dict, options: PruneOptions, shapes:
     return "\n".join(lines) + "\n"
 
 
-def model_card_of(adapter: AdapterFolder, plan: PrunePlan, config: dict, source) -> Callable[[Path], dict[str, str]]:
+def model_card_of(adapter: AdapterFolder, plan: PrunePlan, config: dict, source,
+                  compare=None) -> Callable[[Path], dict[str, str]]:
     """What `write_pruned_adapter` writes beside the tensors: a model card of the staged adapter, with what
-    `lorpa check` finds on it (`source`: a `lorpa.hub.AdapterSource`)."""
+    `lorpa check` finds on it (`source`: a `lorpa.hub.AdapterSource`); with `compare` (a
+    `lorpa.fidelity.AdapterComparison`), its fidelity to the source, in the card and the report too."""
 
     def describe(staged: Path) -> dict[str, str]:
         from .check_adapter import check_adapter
 
+        if compare is not None:
+            plan.report.fidelity = compare.measure(staged).to_dict()
         shapes = {name: (m.in_features, m.out_features) for name, m in adapter.modules.items()}
         engines = check_adapter(staged)[1]["engines"]
         origin = cut_from(source.describe(), source.url)
-        return {CARD_FILE: model_card(plan.report, config, plan.options, shapes, engines, origin)}
+        return {CARD_FILE: model_card(plan.report, config, plan.options, shapes, engines, origin),
+                PRUNE_REPORT_FILE: json_text(plan.report.to_dict())}
 
     return describe

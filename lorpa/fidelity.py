@@ -18,8 +18,10 @@ few classes as `top_k` (any classifier) it is the exact KL.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -180,3 +182,101 @@ def criterion(metric: str, batches: list[dict], recorded: Reference):
                          "use kl")
     key = "agreement" if metric == "agreement" else "kl_mean"
     return lambda model: getattr(compare(model, batches, recorded), key)
+
+
+def read_rows(path: str, rows: int) -> list[str]:
+    """The first `rows` texts of a calibration file: JSONL rows with a `text` field, or prompt/response (or
+    question/answer) fields joined as `run_clm.py` joins them, or a plain text file, one row a line."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"--calibration_data {path}: no such file")
+    texts = []
+    for number, line in enumerate(file.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if file.suffix.lower() in (".jsonl", ".json"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"--calibration_data {path}, line {number}: not JSON ({error.msg})") from None
+            fields = row if isinstance(row, dict) else {}
+            pair = next(((fields[a], fields[b]) for a, b in PROMPT_FIELDS if a in fields and b in fields), None)
+            if isinstance(row, dict) and isinstance(row.get("text"), str):
+                line = row["text"]
+            elif pair is not None:
+                line = f"{pair[0]} {pair[1]}"
+            else:
+                raise InputError(f"--calibration_data {path}, line {number}: no text field (text, or prompt and "
+                                 "response, or question and answer)")
+        texts.append(line)
+        if len(texts) == rows:
+            break
+    if not texts:
+        raise InputError(f"--calibration_data {path}: no rows")
+    return texts
+
+
+PROMPT_FIELDS = (("prompt", "response"), ("question", "answer"))
+HEADS = {"SEQ_CLS": "AutoModelForSequenceClassification", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+         "CAUSAL_LM": "AutoModelForCausalLM", "TOKEN_CLS": "AutoModelForTokenClassification"}
+
+
+class AdapterComparison:
+    """The uncut adapter and pruned candidates from files, on one base model loaded once: each candidate is loaded
+    beside the uncut adapter (adapters are small), compared on the calibration rows, and unloaded."""
+
+    def __init__(self, base_model: str, adapter_dir: Path, data: str, rows: int = 256, max_length: int = 256,
+                 batch_size: int = 16):
+        import transformers
+        from peft import PeftModel
+
+        from .adapter_files import CONFIG_FILE, read_config
+
+        config = read_config(Path(adapter_dir, CONFIG_FILE))
+        loader = getattr(transformers, HEADS.get(config.get("task_type") or "CAUSAL_LM", "AutoModelForCausalLM"))
+        tokenizer_source = adapter_dir if Path(adapter_dir, "tokenizer_config.json").is_file() else base_model
+        tokenizer = load_pretrained(transformers.AutoTokenizer, str(tokenizer_source))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        extra = {"num_labels": head_rows(adapter_dir)} if config.get("task_type") == "SEQ_CLS" else {}
+        base = load_pretrained(loader, base_model, **extra)
+        self.model = PeftModel.from_pretrained(base, adapter_dir, adapter_name="uncut").eval()
+        texts = read_rows(data, rows)
+        self.batches = [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                                       return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+        if getattr(base.config, "is_encoder_decoder", False):  # the decoder reads the rows too
+            for batch in self.batches:
+                batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        self.rows = len(texts)
+        self.recorded = reference(self.model, self.batches)
+
+    def measure(self, candidate: Path) -> Fidelity:
+        self.model.load_adapter(str(candidate), adapter_name="candidate")
+        self.model.set_adapter("candidate")
+        try:
+            return compare(self.model, self.batches, self.recorded)
+        finally:
+            self.model.set_adapter("uncut")
+            self.model.delete_adapter("candidate")
+
+
+def load_pretrained(loader, name: str, **kwargs):
+    """`loader.from_pretrained(name)`, a missing or unreachable model reported as one line."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise InputError(f"--base_model {name}: cannot be loaded ({str(error).strip().splitlines()[0]})") from None
+
+
+def head_rows(adapter_dir: Path) -> int:
+    """The classes of a sequence classifier's saved head (peft saves it with the adapter): its last 2-D weight's
+    rows, where the model's config cannot be read without the head."""
+    from .adapter_files import AdapterFolder
+
+    weights = AdapterFolder(adapter_dir).weights
+    heads = [key for key in weights.keys if ("classifier" in key or ".score." in key) and key.endswith("weight")
+             and len(weights.shapes[key]) == 2]
+    if not heads:
+        raise InputError(f"{adapter_dir}: a SEQ_CLS adapter without its head (modules_to_save): the model cannot be "
+                         "built")
+    return weights.shapes[heads[-1]][0]

@@ -24,10 +24,11 @@ from .options import FILE_SCORES, PruneOptions, add_prune_arguments, options_fro
 
 def prune_saved_adapter(adapter: str | os.PathLike, output_dir: str | os.PathLike,
                         options: PruneOptions | None = None, *, overwrite: bool = False, revision: str | None = None,
-                        subfolder: str | None = None, **keywords):
+                        subfolder: str | None = None, compare=None, **keywords):
     """Prune the saved adapter `adapter` (a folder, or a Hub repo id at `revision`, in its `subfolder`) into
     `output_dir` as `options` say (`PruneOptions`, or its fields as keywords); the default score is svd (no
-    retraining follows this cut). Returns the `PruneReport`.
+    retraining follows this cut). `compare`: a `lorpa.fidelity.AdapterComparison` of the same adapter, whose
+    fidelity measure of the output goes into the report and the card. Returns the `PruneReport`.
 
     Bad input raises `lorpa.InputError` before anything is written; the output appears all at once (written to
     a staging folder beside `output_dir`, then renamed).
@@ -48,7 +49,7 @@ def prune_saved_adapter(adapter: str | os.PathLike, output_dir: str | os.PathLik
     check_fits(options, {name: (m.rank, m.in_features, m.out_features) for name, m in folder.modules.items()})
     plan = plan_prune(folder.module_factors(), options)
     config = pruned_config(folder, plan.report)
-    write_pruned_adapter(folder, plan, output_dir, config, model_card_of(folder, plan, config, source))
+    write_pruned_adapter(folder, plan, output_dir, config, model_card_of(folder, plan, config, source, compare))
     return plan.report
 
 
@@ -71,6 +72,13 @@ def build_parser(prog: str = "python -m lorpa.prune_adapter") -> argparse.Argume
                         help="with --tolerance: a command that scores the adapter folder named by {adapter} in it and "
                              "prints the score (higher is better) as the last word of its output, e.g. "
                              "\"python my_eval.py --adapter {adapter}\"")
+    parser.add_argument("--base_model", default=None, metavar="MODEL",
+                        help="with --calibration_data: measure the output's fidelity to ADAPTER (top-1 agreement, KL) "
+                             "on the base model, and allow --tolerance_metric agreement or kl (a Hub id or folder)")
+    parser.add_argument("--calibration_data", default=None, metavar="FILE",
+                        help="rows to compare answers on: JSONL with a text field (or prompt and response), or plain "
+                             "text, one row a line")
+    parser.add_argument("--calibration_rows", type=int, default=256, help="how many rows of --calibration_data")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
                         help="upload OUTPUT_DIR to this Hub repo once it is complete and lorpa check found its shapes "
@@ -87,6 +95,18 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m lorpa.prune
     options = options_from_arguments(args)
     if args.evaluate is not None and options.tolerance is None:
         raise InputError("--evaluate scores the candidates of --tolerance; give --tolerance T too")
+    if (args.base_model is None) != (args.calibration_data is None):
+        raise InputError("--base_model and --calibration_data go together: the fidelity is measured on the base model "
+                         "with the adapters, on those rows")
+    if args.calibration_rows < 1:
+        raise InputError(f"--calibration_rows must be a positive integer, got {args.calibration_rows}")
+    metric = options.search_metric(args.evaluate is not None)
+    if options.tolerance is not None and metric != "score" and args.base_model is None:
+        raise InputError("--tolerance needs --evaluate COMMAND (a labelled score), or --base_model and "
+                         "--calibration_data for a label-free --tolerance_metric (agreement, kl)")
+    if metric == "score" and options.tolerance is not None and args.evaluate is None:
+        raise InputError("--tolerance_metric score needs --evaluate COMMAND, which prints a score for the adapter "
+                         "folder {adapter}")
     if (args.private or args.push_revision) and not args.push_to_hub:
         raise InputError("--private and --push_revision go with --push_to_hub REPO_ID")
     if args.push_to_hub is not None:
@@ -106,22 +126,34 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m lorpa.prune
 def main(argv: list[str] | None = None, prog: str = "python -m lorpa.prune_adapter"):
     args, options = parse_args(argv, prog)
     where = dict(overwrite=args.overwrite, revision=args.revision, subfolder=args.subfolder)
+    compare = None
+    if args.base_model is not None:
+        from .fidelity import AdapterComparison
+        from .hub import resolve_adapter
+
+        source = resolve_adapter(args.adapter_dir, args.revision, args.subfolder).folder
+        compare = AdapterComparison(args.base_model, source, args.calibration_data, args.calibration_rows)
     if options.tolerance is not None:
         from .tolerance import prune_saved_adapter_to_tolerance
 
-        report, search = prune_saved_adapter_to_tolerance(args.adapter_dir, args.output_dir, args.evaluate, options,
+        evaluate = args.evaluate if args.evaluate is not None else compare
+        report, search = prune_saved_adapter_to_tolerance(args.adapter_dir, args.output_dir, evaluate, options,
                                                           **where)
         for candidate in search.candidates:
             print(f"candidate: total rank {candidate.total_rank}, {candidate.parameters} parameters, "
-                  f"score {candidate.score:g}")
-        capped = "" if search.within else " (none within it: the largest --max_rank allows)"
-        print(f"kept total rank {search.kept} of {search.full_rank}: the smallest within {options.tolerance:g} of the "
-              f"input's {search.reference:g}{capped}")
+                  f"{search.metric} {candidate.score:g}")
+        capped = "" if search.within else " (none qualifies: the largest --max_rank allows)"
+        print(f"kept total rank {search.kept} of {search.full_rank}: the smallest with {search.metric} "
+              f"{'within ' if search.metric == 'score' else ''}{options.tolerance:g}{capped}")
     else:
-        report = prune_saved_adapter(args.adapter_dir, args.output_dir, options, **where)
+        report = prune_saved_adapter(args.adapter_dir, args.output_dir, options, compare=compare, **where)
     old, new = sum(report.old_ranks.values()), sum(report.ranks.values())
     print(f"pruned {len(report.modules)} LoRA modules, {old} -> {new} rank components "
           f"({report.scope} scope, {report.score} score); wrote {args.output_dir}")
+    if report.fidelity is not None:
+        from .fidelity import Fidelity
+
+        print(f"fidelity to {args.adapter_dir}: {Fidelity(**report.fidelity).describe()}")
     if args.push_to_hub is not None:
         print(f"pushed: {push(args, report, old, new)}")
     return report

@@ -127,21 +127,31 @@ def run_evaluation(command: list[str], adapter: Path) -> float:
     return score
 
 
-def prune_saved_adapter_to_tolerance(adapter: str | os.PathLike, output_dir: str | os.PathLike,
-                                     evaluate: list[str] | Callable[[Path], float],
+def prune_saved_adapter_to_tolerance(adapter: str | os.PathLike, output_dir: str | os.PathLike, evaluate,
                                      options: PruneOptions | None = None, *, overwrite: bool = False,
                                      revision: str | None = None, **keywords):
-    """The smallest global budget whose score for each candidate folder (`evaluate`: a command that prints it, with
-    `{adapter}` standing for the folder, or a function of the folder) is within `options.tolerance` of the input
-    adapter's (a folder, or a Hub repo id at `revision`); every candidate goes to OUTPUT_DIR/tolerance_search.json.
-    Returns (prune report, search)."""
+    """The smallest global budget whose candidate folder qualifies (`lorpa.tolerance.search_budget`), from the input
+    adapter (a folder, or a Hub repo id at `revision`); every candidate goes to OUTPUT_DIR/tolerance_search.json.
+    `evaluate`: a command that prints a score (`{adapter}` standing for the folder), a function of the folder, or a
+    `lorpa.fidelity.AdapterComparison` for the label-free metrics (agreement, kl). Returns (prune report, search)."""
     source = resolve_adapter(str(adapter), revision, keywords.pop("subfolder", None))
     options, _, output_dir = files_options(source.folder, output_dir, options, keywords, overwrite)
     if options.tolerance is None:
-        raise InputError("a tolerance search needs tolerance: how far below the input's score a candidate may be")
+        raise InputError("a tolerance search needs tolerance: how close to the input a candidate must stay")
     if not evaluate:
         raise InputError("--tolerance needs --evaluate COMMAND, which prints a score for the adapter folder {adapter}")
-    score_of = evaluate if callable(evaluate) else partial(run_evaluation, evaluate)
+    compare = evaluate if hasattr(evaluate, "measure") else None
+    metric = options.search_metric(compare is None) or ("kl" if compare.recorded.regression else "agreement")
+    if compare is not None:
+        if metric == "score":
+            raise InputError("tolerance_metric score needs --evaluate COMMAND (a labelled score)")
+        if metric == "agreement" and compare.recorded.regression:
+            raise InputError("tolerance_metric agreement needs top-1 answers, which a regression head does not "
+                             "give; use kl")
+        key = "agreement" if metric == "agreement" else "kl_mean"
+        score_of = lambda folder: getattr(compare.measure(folder), key)  # noqa: E731
+    else:
+        score_of = evaluate if callable(evaluate) else partial(run_evaluation, evaluate)
     folder = AdapterFolder(source.folder)
     shapes = {name: (m.in_features, m.out_features) for name, m in folder.modules.items()}
     ranks = {name: m.rank for name, m in folder.modules.items()}
@@ -166,11 +176,11 @@ def prune_saved_adapter_to_tolerance(adapter: str | os.PathLike, output_dir: str
 
     search = search_budget(candidate, sum(options.bounds(r)[0] for r in ranks.values()),
                            sum(options.bounds(r)[1] for r in ranks.values()), sum(ranks.values()),
-                           parameters(shapes, ranks), score_of(folder.folder), options.tolerance)
+                           parameters(shapes, ranks), score_of(folder.folder), options.tolerance, metric)
     bar.close()
     final = plan(search.kept)
     config = pruned_config(folder, final.report)
-    card = model_card_of(folder, final, config, source)
+    card = model_card_of(folder, final, config, source, compare)
     record = json.dumps(search.to_dict(), indent=2) + "\n"
     write_pruned_adapter(folder, final, output_dir, config, lambda staged: {**card(staged), TOLERANCE_FILE: record})
     return final.report, search

@@ -83,6 +83,7 @@ def main(out: Path, model_dir: Path, mode: str):
         "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
         "trained": bool(any(p.abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)),
         "answers": generator.generate_answers(),
+        "fidelity": result.fidelity,
     }
     (out / f"process{rank}.json").write_text(json.dumps(record))
     torch.distributed.destroy_process_group()

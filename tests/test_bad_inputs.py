@@ -234,3 +234,14 @@ def test_merge_final_writes_a_merged_model_from_run_glue(model_dir, tmp_path):  
     with torch.no_grad():
         assert torch.allclose(merged(**inputs).logits, adapted(**inputs).logits, atol=1e-5)
     assert "# A LoRA adapter pruned with LoRPA" in (output / "README.md").read_text()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--tolerance", "150", "--tolerance_metric", "agreement"], "a percentage, at most 100, got 150"),
+    (["--target_rank", "4", "--tolerance_metric", "kl"], "tolerance_metric says what a tolerance search holds"),
+    (["--tolerance", "0.1", "--tolerance_metric", "bogus"], "unknown tolerance_metric 'bogus'"),
+    (["--tolerance", "99"], "--tolerance needs --evaluate COMMAND (a labelled score), or --base_model and"),
+    (["--target_rank", "4", "--base_model", "x"], "--base_model and --calibration_data go together"),
+])
+def test_bad_thresholds_and_fidelity_flags_are_one_line(adapter, tmp_path, capsys, argv, expected):
+    refused(["prune", str(adapter), str(tmp_path / "out"), *argv], expected, capsys, adapter)

@@ -1,6 +1,7 @@
 """Label-free fidelity to the uncut adapter (`lorpa.fidelity`) against direct computations with two models."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -9,6 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorpa
 from lorpa import fidelity
+from lorpa.cli import run_cli
+from lorpa.commands import main as lorpa_main
 
 from conftest import tiny_bart, tiny_roberta, with_lora
 
@@ -130,3 +133,60 @@ def test_a_regression_head_compares_predictions_relative_to_their_variance():
     error = float((after - before).square().mean() / before.var(unbiased=False))
     assert measured.agreement is None and measured.prediction_error == pytest.approx(error, rel=1e-5)
     assert measured.kl_mean == pytest.approx(error / 2, rel=1e-5)  # Gaussians of the uncut predictions' variance
+
+
+@pytest.fixture(scope="module")
+def decoder_files(tmp_path_factory):
+    """A tiny causal LM and tokenizer on disk, a LoRA adapter of it, and unlabelled rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lorpa.tasks.clm.arithmetic import arithmetic_rows
+
+    from tiny_assets import write_tiny_decoder
+
+    folder = tmp_path_factory.mktemp("decoder")
+    model_dir = write_tiny_decoder(folder / "model", "llama")
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.save_pretrained(folder / "adapter")
+    rows = folder / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n"
+                            for r in arithmetic_rows(40, 5)))
+    return model_dir, folder / "adapter", rows
+
+
+def test_fidelity_from_files_equals_two_models_loaded_apart(decoder_files, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir, adapter, rows = decoder_files
+    argv = ["prune", str(adapter), str(tmp_path / "out"), "--target_rank", "2", "--base_model", str(model_dir),
+            "--calibration_data", str(rows), "--calibration_rows", "24"]
+    assert run_cli(lorpa_main, argv) == 0
+    measured = json.loads((tmp_path / "out" / "prune_report.json").read_text())["fidelity"]
+    comparison = fidelity.AdapterComparison(str(model_dir), adapter, str(rows), rows=24)
+    uncut = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    pruned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "out")
+    direct = fidelity.compare(pruned, comparison.batches, fidelity.reference(uncut, comparison.batches))
+    expected = direct.to_dict()
+    assert measured.keys() == expected.keys()
+    for key, value in expected.items():  # no labels in the rows: no perplexity ratio
+        assert measured[key] == (value if value is None else pytest.approx(value, rel=1e-9, abs=1e-12)), key
+    assert measured["positions"] == sum(int(b["attention_mask"][:, 1:].sum()) for b in comparison.batches)
+    assert "of top-1 answers kept" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_label_free_tolerance_from_files_keeps_the_smallest_that_agrees_enough(decoder_files, tmp_path, capsys):
+    model_dir, adapter, rows = decoder_files
+    argv = ["prune", str(adapter), str(tmp_path / "out"), "--tolerance", "95", "--tolerance_metric", "agreement",
+            "--base_model", str(model_dir), "--calibration_data", str(rows), "--calibration_rows", "24"]
+    assert run_cli(lorpa_main, argv) == 0
+    search = json.loads((tmp_path / "out" / "tolerance_search.json").read_text())
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    assert search["metric"] == "agreement" and search["reference"] == 100
+    assert report["fidelity"]["agreement"] >= 95 and sum(m["new_rank"] for m in report["modules"].values()) == \
+        search["kept"]
+    assert all(c["score"] < 95 for c in search["candidates"] if c["total_rank"] < search["kept"])
+    assert "the smallest with agreement 95" in capsys.readouterr().out

@@ -88,6 +88,8 @@ def test_run_clm_trains_both_stages_on_a_4bit_base_resumes_mid_stage_2_and_merge
     run_clm.main(argv_for(llama_dir, complete, data_files, *flags, "--merge_final", "true"))
     results = read_results(complete)
     assert results["config"]["load_in_4bit"] and set(results["ranks"].values()) == {2}
+    fidelity = results["fidelity"]  # measured on the 4-bit base, against the uncut adapter on the same base
+    assert fidelity["positions"] > 0 and 0 < fidelity["agreement"] <= 100 and fidelity["kl_mean"] >= 0
     assert "merged into a copy of the base loaded unquantised" in capsys.readouterr().out
     merged = AutoModelForCausalLM.from_pretrained(complete / "merged")
     # plain weights, loadable without bitsandbytes

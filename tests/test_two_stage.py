@@ -232,6 +232,11 @@ def test_two_gloo_processes_keep_the_same_components_stay_in_sync_and_share_gene
     assert set(records[0]["ranks"].values()) == {2} and len(records[0]["ranks"]) == 14
     assert all(r["steps"] == 3 and r["trained"] for r in records)
     assert records[0]["weights"] == records[1]["weights"]  # stage 2's re-wrapped model synchronised gradients
+    if mode == "memory":  # measured on each process's half of the training rows, summed over both
+        assert records[0]["fidelity"] == records[1]["fidelity"] and records[0]["fidelity"]["positions"] == 32 * 31
+        assert 0 < records[0]["fidelity"]["agreement"] <= 100
+    else:  # under FSDP the pruned adapter is measured from files (lorpa prune --base_model)
+        assert records[0]["fidelity"] is None
 
     # the sharded evaluation gathers every answer, in dataset order, on every process
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -303,3 +308,50 @@ def test_two_stages_under_fsdp2_shard_prune_through_files_reshard_and_resume_to_
     assert [r["steps"] for r in again] == [[2], [2]]  # only stage 2, from its checkpoint
     assert again[0]["final"] == records[0]["final"]  # the resumed run ends where the unbroken one ended
     assert [r["shards"][-1] for r in again] == [r["shards"][-1] for r in records]
+
+
+def test_every_prune_reports_its_fidelity_and_logs_its_numbers_for_the_trainer_s_reporters(tmp_path):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
+    trainers = []
+
+    def make_trainer(m, a):
+        trainers.append(Trainer(model=m, args=a, train_dataset=token_data()))
+        return trainers[-1]
+
+    result = lorpa.train_two_stage(model, make_trainer, training_args(tmp_path), stage1_ratio=1.0, target_rank=2,
+                                   score="svd")
+    fidelity = result.fidelity
+    assert fidelity is not None and 0 < fidelity["agreement"] < 100 and fidelity["kl_mean"] > 0
+    assert fidelity["positions"] > 0 and fidelity["perplexity_ratio"] > 1  # the cut costs some likelihood
+    saved = json.loads((tmp_path / "prune_report.json").read_text())
+    assert saved["fidelity"] == fidelity
+    logged = next(entry for entry in trainers[0].state.log_history if "prune/total_rank_after" in entry)
+    assert logged["prune/total_rank_before"] == 8 * len(result.prune_report.modules)
+    assert logged["prune/total_rank_after"] == 2 * len(result.prune_report.modules)
+    assert logged["prune/parameters_after"] * 4 == logged["prune/parameters_before"]
+    assert logged["prune/mean_relative_error"] == result.prune_report.mean_relative_error
+
+
+@pytest.mark.parametrize("metric, tolerance", [("agreement", 90.0), ("kl", 0.05)])
+def test_a_label_free_tolerance_keeps_the_smallest_adapter_that_qualifies(tmp_path, metric, tolerance):
+    model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
+    result = lorpa.train_two_stage(model, lambda m, a: Trainer(model=m, args=a, train_dataset=token_data()),
+                                   training_args(tmp_path), stage1_ratio=1.0, score="svd", tolerance=tolerance,
+                                   tolerance_metric=metric)
+    search = result.tolerance_search
+    assert search.metric == metric and sum(result.prune_report.ranks.values()) == search.kept
+    value = result.fidelity["agreement" if metric == "agreement" else "kl_mean"]
+    assert value >= tolerance if metric == "agreement" else value <= tolerance
+    smaller = [c for c in search.candidates if c.total_rank < search.kept]  # every smaller candidate failed
+    assert all((c.score < tolerance) if metric == "agreement" else (c.score > tolerance) for c in smaller)
+
+
+def test_the_search_keeps_the_smallest_budget_that_qualifies_by_each_metric():
+    from lorpa.tolerance import Candidate, search_budget
+
+    def by(value_of):
+        return lambda budget: Candidate(budget, 10 * budget, value_of(budget))
+
+    assert search_budget(by(lambda b: 100 - 60 / b), 1, 64, 64, 640, 100.0, 97.0, "agreement").kept == 20
+    assert search_budget(by(lambda b: 1.0 / b), 1, 64, 64, 640, 0.0, 0.1, "kl").kept == 10
+    assert search_budget(by(lambda b: 80 - 40 / b), 1, 64, 64, 640, 80.0, 2.0, "score").kept == 20
