@@ -16,6 +16,11 @@ since glibc's heap may keep freed blocks from run to run differently (min-max is
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa  # noqa: F401
+
+# isort: split
+
 import argparse
 import contextlib
 import multiprocessing

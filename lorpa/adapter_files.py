@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from .errors import InputError
 from .options import FILE_SCORES, PruneOptions, resolve
 from .plan import ModuleFactors, PrunePlan, PruneReport, config_changes
-from .stages import PRUNE_REPORT_FILE
+from .stages import PRUNE_REPORT_FILE, RESULTS_FILE
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -279,7 +279,8 @@ def write_safetensors(path: Path, tensors, metadata: dict[str, str]) -> None:
 def write_pruned_adapter(adapter: AdapterFolder, plan: PrunePlan, output_dir: Path, config: dict,
                          describe: Callable[[Path], dict[str, str]] | None = None) -> None:
     """The pruned adapter: every tensor of the input (LoRA factors replaced by the plan's), `config`, the prune
-    report and every other file of the input folder but its model card, written in a staging folder beside
+    report and the input folder's other files (a tokenizer) but its model card and a run's records (subfolders such
+    as checkpoints, `results.json`: they describe the source's training), written in a staging folder beside
     `output_dir` and renamed into place. `describe(staged folder)` gives more files ({name: text}, e.g. a new
     card) from the finished adapter before it is moved into place."""
     weights = adapter.weights
@@ -296,12 +297,13 @@ def write_pruned_adapter(adapter: AdapterFolder, plan: PrunePlan, output_dir: Pa
         shape[dim] = len(plan.report.modules[name].kept)
         return key, weights.dtypes[key], tuple(shape), lambda: cut(name)[dim]
 
-    written = {CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, PRUNE_REPORT_FILE, TOLERANCE_FILE, CARD_FILE}
+    left_behind = {CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE, PRUNE_REPORT_FILE, TOLERANCE_FILE, CARD_FILE,
+                   RESULTS_FILE}
     staging = staging_folder(output_dir, "tmp")
     try:
         for item in adapter.folder.iterdir():
-            if item.name not in written:
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+            if item.is_file() and item.name not in left_behind:
+                shutil.copy2(item, staging / item.name)
         entries = [entry(key) for key in weights.keys]
         write_safetensors(staging / SAFETENSORS_FILE, entries, weights.metadata)
         write_json(staging / CONFIG_FILE, config)

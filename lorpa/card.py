@@ -88,9 +88,11 @@ def model_card(report: PruneReport, config: dict, options: PruneOptions, shapes:
     lines += ["", "## Ranks kept", "", *rank_table(report), "", "Per module: `prune_report.json`.", "",
               "## Serving", "", "| engine | loads it | scales it as peft | pass |", "|---|---|---|---|"]
     for verdict in engines:
-        loads = "yes" if verdict.loads else f"no ({verdict.why})"
-        scales = "yes" if verdict.as_peft else f"no ({verdict.why})" if verdict.loads else "-"
-        lines.append(f"| {verdict.engine} | {loads} | {scales} | {verdict.setting if verdict.loads else ''} |")
+        if verdict.loads:
+            scales = "yes" if verdict.as_peft else f"no ({verdict.why})"
+            lines.append(f"| {verdict.engine} | yes | {scales} | {verdict.setting or '-'} |")
+        else:
+            lines.append(f"| {verdict.engine} | no ({verdict.why}) | - | - |")
     lines += ["", "It is a standard peft adapter (per-module ranks in `rank_pattern`): "
               "`PeftModel.from_pretrained(base_model, this_folder_or_repo)` loads it with no LoRPA code."]
     return "\n".join(lines) + "\n"

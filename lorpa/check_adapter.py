@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import raise_input_error, run_cli
+from .cli import add_adapter_arguments, raise_input_error, run_cli
 from .engines import vllm_max_lora_rank
 from .errors import InputError
 
@@ -134,10 +134,7 @@ def engine_verdicts(checks: list[ModuleCheck], summary: dict, config: dict) -> l
 def build_parser(prog: str = "python -m lorpa.check_adapter") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.error = raise_input_error
-    parser.add_argument("adapter", metavar="ADAPTER",
-                        help="folder written by peft's save_pretrained, or a Hub repo id")
-    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit to read")
-    parser.add_argument("--subfolder", default=None, help="the adapter's folder inside ADAPTER")
+    add_adapter_arguments(parser)
     return parser
 
 
@@ -156,7 +153,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lorpa.check_adapt
     from .hub import resolve_adapter
 
     args = build_parser(prog).parse_args(argv)
-    checks, summary = check_adapter(resolve_adapter(args.adapter, args.revision, args.subfolder).folder)
+    checks, summary = check_adapter(resolve_adapter(args.adapter_dir, args.revision, args.subfolder).folder)
     for check in checks:
         verdict = "ok" if not check.problems else "MISMATCH: " + "; ".join(check.problems)
         print(f"{check.name}: rank {check.rank}, scaling {check.peft_scaling:g} in peft, {check.engine_scaling:g} "

@@ -18,6 +18,14 @@ def raise_input_error(message: str):
     raise InputError(message)
 
 
+def add_adapter_arguments(parser) -> None:
+    """ADAPTER (`adapter_dir`) and where to read it: what every command that reads a saved adapter takes."""
+    parser.add_argument("adapter_dir", metavar="ADAPTER",
+                        help="folder written by peft's save_pretrained, or a Hub repo id (OWNER/NAME)")
+    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit to read")
+    parser.add_argument("--subfolder", default=None, help="the adapter's folder inside ADAPTER")
+
+
 def check_output_file(path: str, flag: str, make_folder: bool = False) -> None:
     """A file a command will write: refused in one line, before any work, when it is a folder, or its folder is
     missing (unless the command makes it: `make_folder`) or not writable."""

@@ -18,7 +18,7 @@ import math
 import sys
 from pathlib import Path
 
-from .cli import check_output_file, raise_input_error, run_cli
+from .cli import add_adapter_arguments, check_output_file, raise_input_error, run_cli
 
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99)
 
@@ -172,10 +172,7 @@ def plot_spectra(result: dict, out_path) -> Path:
 def build_parser(prog: str = "python -m lorpa.inspect") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.error = raise_input_error
-    parser.add_argument("adapter_dir", metavar="ADAPTER",
-                        help="folder written by peft's save_pretrained, or a Hub repo id (OWNER/NAME)")
-    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit to read")
-    parser.add_argument("--subfolder", default=None, help="the adapter's folder inside ADAPTER")
+    add_adapter_arguments(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document on stdout, and nothing else there")
     parser.add_argument("--plot", metavar="PNG", default=None, help="also draw the spectra into this PNG file")

@@ -17,7 +17,7 @@ import argparse
 import os
 import shlex
 
-from .cli import raise_input_error, run_cli
+from .cli import add_adapter_arguments, raise_input_error, run_cli
 from .errors import InputError
 from .options import FILE_SCORES, PruneOptions, add_prune_arguments, options_from_arguments
 
@@ -62,11 +62,8 @@ def build_parser(prog: str = "python -m lorpa.prune_adapter") -> argparse.Argume
         f"Scores from files: {', '.join(FILE_SCORES)}.",
     )
     parser.error = raise_input_error
-    parser.add_argument("adapter_dir", metavar="ADAPTER",
-                        help="folder written by peft's save_pretrained, or a Hub repo id (OWNER/NAME)")
+    add_adapter_arguments(parser)
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="new folder for the pruned adapter")
-    parser.add_argument("--revision", default=None, help="with a Hub repo id: the branch, tag or commit to read")
-    parser.add_argument("--subfolder", default=None, help="the adapter's folder inside ADAPTER")
     add_prune_arguments(parser, skip=("rewind",), scores=FILE_SCORES)
     parser.add_argument("--evaluate", default=None, metavar="COMMAND",
                         help="with --tolerance: a command that scores the adapter folder named by {adapter} in it and "

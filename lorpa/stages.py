@@ -11,6 +11,7 @@ from .errors import InputError
 PAPER_TARGET_RANK = 8  # RoBERTa in the paper; used when neither prune flag is given
 PRUNED_ADAPTER_DIR = "pruned_adapter"
 PRUNE_REPORT_FILE = "prune_report.json"
+RESULTS_FILE = "results.json"  # a run script's record of its run, beside its final adapter
 
 
 @dataclasses.dataclass

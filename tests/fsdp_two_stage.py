@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import lorpa
+from lorpa.distributed import leave_process_group
 from lorpa.layers import unwrap
 
 
@@ -135,7 +136,10 @@ def main(out: Path, model_dir: Path, resume: str | None):
                    final=hashlib.sha256(torch.cat([full[k].flatten() for k in lora]).numpy().tobytes()).hexdigest()
                    if rank == 0 else None)
     (out / f"process{rank}.json").write_text(json.dumps(records))
-    dist.destroy_process_group()
+    # Both stages' sharded models hold the process group and gloo's work on it: released while the group is alive,
+    # else the group outlives the interpreter and gloo's threads abort it at exit (SIGABRT).
+    del model, result, full
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 one its command accepts (a flag shown alone must belong to some LoRPA command, or to a tool named below)."""
 
 import ast
+import dataclasses
 import importlib
 import re
 import shlex
@@ -95,7 +96,7 @@ def command_of(tokens: list[str]) -> str | None:
 
 
 def flags_in(tokens) -> list[str]:
-    return [token.split("=", 1)[0] for token in tokens if token.startswith("--") and len(token) > 2]
+    return [token.split("=", 1)[0] for token in tokens if re.match(r"--\w", token)]  # not a rule like ---
 
 
 def problems(text: str) -> list[str]:
@@ -160,3 +161,16 @@ Prose may show `--prune_score` alone, but not `--prune_scor`; and `python -m lor
         "lorpa shrink is not a LoRPA command",
         "--prune_scor is no flag of any command",
     ]
+
+
+def test_the_library_page_documents_every_prune_option():
+    """A new PruneOptions field must reach the table users read, with its run-script flag where it has one."""
+    from lorpa.harness.arguments import PRUNE_FLAGS
+    from lorpa.options import PruneOptions
+
+    rows = {line.split("|")[1].strip(" `"): line for line in (ROOT / "docs" / "library.md").read_text().splitlines()
+            if line.startswith("| `")}
+    for option in dataclasses.fields(PruneOptions):
+        assert option.name in rows, f"docs/library.md has no row for PruneOptions.{option.name}"
+        flag = PRUNE_FLAGS.get(option.name)
+        assert flag is None or f"`--{flag}`" in rows[option.name], f"the row of {option.name} lacks --{flag}"

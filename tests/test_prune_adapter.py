@@ -126,9 +126,12 @@ def test_bf16_adapter_stays_bf16_and_matches(tmp_path):
     assert {t.dtype for t in load_file(tmp_path / "out" / "adapter_model.safetensors").values()} == {torch.bfloat16}
 
 
-def test_bin_adapter_and_modules_to_save_and_other_files(tmp_path):
+def test_bin_adapter_and_modules_to_save_and_other_files_but_run_records(tmp_path):
     adapter = save_adapter(tmp_path / "adapter", "roberta", safe_serialization=False)
     (adapter / "tokenizer.json").write_text('{"tokenizer": true}')
+    (adapter / "results.json").write_text("{}")  # a run's record and its checkpoints describe the source run
+    (adapter / "checkpoint-5").mkdir()
+    (adapter / "checkpoint-5" / "optimizer.pt").write_bytes(b"0")
     assert_matches_in_memory("roberta", adapter, tmp_path / "out", ["--target_rank", "2"], {"target_rank": 2})
     original = torch.load(adapter / "adapter_model.bin", weights_only=True)
     pruned = load_file(tmp_path / "out" / "adapter_model.safetensors")

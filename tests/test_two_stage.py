@@ -51,6 +51,17 @@ def training_args(output_dir, **overrides):
     return TrainingArguments(str(output_dir), **{**values, **overrides})
 
 
+def recording_trainers(trainer_class=Trainer):
+    """(the Trainers made so far, a `make_trainer` for train_two_stage that makes one per stage on token_data)."""
+    trainers = []
+
+    def make_trainer(model, args):
+        trainers.append(trainer_class(model=model, args=args, train_dataset=token_data()))
+        return trainers[-1]
+
+    return trainers, make_trainer
+
+
 def test_the_method_and_its_commands_load_without_the_harness():
     """`import lorpa` users get the method alone: the run machinery and task families stay out."""
     code = ("import sys, lorpa, lorpa.two_stage, lorpa.prune_adapter; "
@@ -62,11 +73,7 @@ def test_the_method_and_its_commands_load_without_the_harness():
 def test_a_trainer_subclass_gets_two_stages_and_a_fresh_optimizer(tmp_path):
     model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
                                                           target_modules="all-linear"))
-    trainers = []
-
-    def make_trainer(model, args):
-        trainers.append(StepCountingTrainer(model=model, args=args, train_dataset=token_data()))
-        return trainers[-1]
+    trainers, make_trainer = recording_trainers(StepCountingTrainer)
 
     result = lorpa.train_two_stage(model, make_trainer, training_args(tmp_path), stage1_ratio=0.4, target_rank=2)
     first, second = trainers
@@ -137,11 +144,7 @@ def test_bad_pruning_options_fail_before_training(tmp_path):
 
 def test_a_schedule_with_sensitivity_prunes_twice_with_a_trainer_per_stage(tmp_path):
     model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
-    trainers = []
-
-    def make_trainer(model, args):
-        trainers.append(Trainer(model=model, args=args, train_dataset=token_data()))
-        return trainers[-1]
+    trainers, make_trainer = recording_trainers()
 
     result = lorpa.train_two_stage(model, make_trainer, training_args(tmp_path), prune_schedule="0.4:4,0.6:2",
                                    score="sensitivity")
@@ -312,11 +315,7 @@ def test_two_stages_under_fsdp2_shard_prune_through_files_reshard_and_resume_to_
 
 def test_every_prune_reports_its_fidelity_and_logs_its_numbers_for_the_trainer_s_reporters(tmp_path):
     model = lorpa.get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16))
-    trainers = []
-
-    def make_trainer(m, a):
-        trainers.append(Trainer(model=m, args=a, train_dataset=token_data()))
-        return trainers[-1]
+    trainers, make_trainer = recording_trainers()
 
     result = lorpa.train_two_stage(model, make_trainer, training_args(tmp_path), stage1_ratio=1.0, target_rank=2,
                                    score="svd")

@@ -105,8 +105,9 @@ class MethodArguments:
     prune_ratio: float | None = field(default=None, metadata={"help": PruneOptions.help("ratio")})
     prune_energy: float | None = field(default=None, metadata={"help": PruneOptions.help("energy")})
     prune_tolerance: float | None = field(default=None, metadata={
-        "help": PruneOptions.help("tolerance") + ", in points (the main metric ×100) on the selection split (GLUE, "
-                "with --selection_split_percentage and --stage1_ratio 1.0)"})
+        "help": PruneOptions.help("tolerance") + ". With --stage1_ratio 1.0; score: the main metric ×100 on the "
+                "selection split (run_glue.py with --selection_split_percentage); agreement, kl: on the first "
+                "--fidelity_rows training rows"})
     tolerance_metric: str | None = field(default=None, metadata={"help": PruneOptions.help("tolerance_metric")})
     prune_max_rank: int | None = field(default=None, metadata={"help": PruneOptions.help("max_rank")})
     prune_rank_multiple: int = field(default=1, metadata={"help": PruneOptions.help("rank_multiple")})

@@ -207,7 +207,7 @@ def submit_slurm(cells: list[Cell], runs_dir: Path, args: argparse.Namespace) ->
           + (f" and {after_twin} as jobs that start when their LoRA twin's task ends" if after_twin else "")
           + f"; task logs in {runs_dir / slurm.SUBMITIT_FOLDER}, cell logs in each cell's train.log")
     if not local:
-        print(f"progress: python -m lorpa.report {runs_dir}")
+        print(f"progress: lorpa report {runs_dir}")
         return
     failed = slurm.wait(jobs, todo)
     report(runs_dir)

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 
 from ..checkpoints import write_json_atomic
 from ..options import REPORTED
+from ..stages import RESULTS_FILE
 
 if TYPE_CHECKING:  # the report command reads results without the training stack
     from .training import TrainingOutcome
-
-RESULTS_FILE = "results.json"
 
 
 def best_and_last(history: list[dict], main_metric: str) -> tuple[dict, dict]:
