@@ -11,6 +11,15 @@ from lorpa.cli import run_cli
 
 torch.set_num_threads(1)
 
+# submitit's first import reconfigures logging (`logging.config.dictConfig`), which closes every handler already
+# installed; absl's handler (rouge-score imports absl) closes its stream on that unless it is the current
+# sys.stderr, so under capsys it would close pytest's own capture file and break every later test of the worker.
+# Imported once here, before any test installs a handler, it reconfigures nothing mid-suite.
+try:
+    import submitit  # noqa: F401
+except ImportError:  # the slurm extra is optional; its tests skip
+    pass
+
 
 def tiny_roberta(num_labels=2, seed=0):
     torch.manual_seed(seed)

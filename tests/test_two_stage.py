@@ -354,3 +354,16 @@ def test_the_search_keeps_the_smallest_budget_that_qualifies_by_each_metric():
     assert search_budget(by(lambda b: 100 - 60 / b), 1, 64, 64, 640, 100.0, 97.0, "agreement").kept == 20
     assert search_budget(by(lambda b: 1.0 / b), 1, 64, 64, 640, 0.0, 0.1, "kl").kept == 10
     assert search_budget(by(lambda b: 80 - 40 / b), 1, 64, 64, 640, 80.0, 2.0, "score").kept == 20
+
+
+def test_the_search_summary_speaks_in_the_metric_s_units():
+    from lorpa.harness.training import tolerance_summary
+    from lorpa.tolerance import Candidate, ToleranceSearch
+
+    def summary(metric, score, reference):
+        return tolerance_summary(ToleranceSearch(reference, 1.0, 64, 640, [Candidate(20, 200, score)], 20, True,
+                                                 metric)).split("(", 1)[1]
+
+    assert summary("score", 79.5, 80.0) == "200 parameters, 79.50 points) against 80.00 unpruned"
+    assert summary("agreement", 97.25, 100.0) == "200 parameters, 97.25% of top-1 answers unchanged)"
+    assert summary("kl", 0.00123, 0.0) == "200 parameters, mean KL 0.00123 from the uncut adapter)"

@@ -122,11 +122,14 @@ def pruning_summary(report: PruneReport, process_index: int) -> str:
 
 
 def tolerance_summary(search) -> str:
+    show = {"score": "{:.2f} points", "agreement": "{:.2f}% of top-1 answers unchanged",
+            "kl": "mean KL {:.3g} from the uncut adapter"}[search.metric].format
     kept = search.kept_candidate()
-    where = "unpruned" if kept is None else f"{kept.parameters} parameters, {kept.score:.2f} points"
+    where = "unpruned" if kept is None else f"{kept.parameters} parameters, {show(kept.score)}"
+    against = f" against {search.reference:.2f} unpruned" if search.metric == "score" else ""
     capped = "" if search.within else "; none was within the tolerance"
     return (f"tolerance search: {len(search.candidates)} candidates; kept total rank {search.kept} of "
-            f"{search.full_rank} ({where}) against {search.reference:.2f} unpruned{capped}")
+            f"{search.full_rank} ({where}){against}{capped}")
 
 
 class RunRecorder(StageCallback):
