@@ -20,6 +20,11 @@ step or a prune does not depend on the values). Three parts, each printing ratio
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa
+
+# isort: split
+
 import argparse
 import json
 import statistics
@@ -33,7 +38,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lorpa  # noqa: E402
 from lorpa.layers import lora_layers  # noqa: E402
 
 import prune_speed  # noqa: E402  (the authors' prune and the adapter stand-ins, shared with benchmarks/prune_speed.py)

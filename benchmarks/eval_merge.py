@@ -15,6 +15,11 @@ XSum validation articles come from the hub, or from a local copy with --data_dir
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa  # noqa: F401
+
+# isort: split
+
 import argparse
 import statistics
 import tempfile

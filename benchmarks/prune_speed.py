@@ -30,6 +30,11 @@ never reads them), so the LLaMA shape needs no 26 GB backbone; the adapters alon
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa
+
+# isort: split
+
 import argparse
 import copy
 import statistics
@@ -40,7 +45,6 @@ import torch
 from peft import LoraConfig, convert_to_lora, get_peft_model
 from torch import nn
 
-import lorpa
 import lorpa.plan
 from lorpa.calibration import CALIBRATION_ATTR, LayerCalibration
 from lorpa.layers import lora_layers

@@ -33,9 +33,10 @@ def lorpa_command() -> list[str]:
                                                           "sys.exit(main())"]
 
 
-def wall_time(command: list[str], environment: dict) -> float:
+def wall_time(command: list[str], environment: dict, folder: Path) -> float:
+    """Run from `folder`, outside any checkout: `python -m` puts the working folder first on the path."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment, timeout=120)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment, timeout=120, cwd=folder)
     return time.perf_counter() - start
 
 
@@ -63,7 +64,7 @@ def main():
         times = {name: [] for name in variants}
         for _ in range(args.repeats + 1):
             for name, (command, env) in variants.items():
-                times[name].append(wall_time(command, env))
+                times[name].append(wall_time(command, env, adapter.parent))
     print(f"small adapter: {modules}, {contents}; OMP_NUM_THREADS=1, {os.cpu_count()} cores, median of "
           f"{args.repeats} interleaved rounds after one dropped warm-up round")
     torch_time = statistics.median(times['python -c "import torch"'][1:])

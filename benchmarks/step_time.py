@@ -17,6 +17,11 @@ sentence lengths: the GLUE SST-2 validation sentences from the hub, or from a lo
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa
+
+# isort: split
+
 import argparse
 import multiprocessing
 import statistics
@@ -27,8 +32,6 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import RobertaConfig, RobertaForSequenceClassification
-
-import lorpa
 
 SIZES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
