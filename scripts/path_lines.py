@@ -9,6 +9,11 @@ they belong to (docstrings and untaken branches included). Imports happen before
 
 from __future__ import annotations
 
+# First: importing lorpa keeps the lines dependencies log at import time (bitsandbytes' hub kernel) off stderr.
+import lorpa
+
+# isort: split
+
 import ast
 import copy
 import sys
@@ -19,7 +24,6 @@ import torch
 from peft import LoraConfig
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
-import lorpa
 from lorpa.prune_adapter import prune_saved_adapter
 
 PACKAGE = str(Path(lorpa.__file__).parent)
