@@ -32,6 +32,7 @@ from .errors import InputError
 from .layers import unwrap
 
 TOP_K = 128  # reference log-probabilities kept per position
+FLAT_TAIL = 0.1  # a mean reference mass outside the top k above this is said with the fidelity (docs/sizing.md)
 METRICS = ("agreement", "kl", "score")  # what a tolerance search can hold a candidate to
 
 
@@ -47,7 +48,7 @@ class Fidelity:
     positions: int
     perplexity_ratio: float | None = None  # pruned / uncut perplexity of the label tokens (language models)
     prediction_error: float | None = None  # regression: mean squared difference / variance of the uncut predictions
-    reference_tail: float | None = None  # mean uncut mass outside its kept top k: the KL is short by at most this much
+    reference_tail: float | None = None  # mean uncut mass outside its kept top k: the KL is short by it × KL within it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,8 +56,11 @@ class Fidelity:
     def describe(self) -> str:
         agreement = "" if self.agreement is None else f"{self.agreement:.2f}% of top-1 answers unchanged, "
         ratio = "" if self.perplexity_ratio is None else f", perplexity ×{self.perplexity_ratio:.4f}"
+        tail = "" if (self.reference_tail or 0) < FLAT_TAIL else (
+            f"; {100 * self.reference_tail:.0f}% of the uncut probability lies outside its top {TOP_K} answers: "
+            "nearly flat, so the KL is a loose lower bound and top-1 answers are near ties")
         return (f"{agreement}KL mean {self.kl_mean:.3g} (p50 {self.kl_p50:.3g}, p90 {self.kl_p90:.3g}, p99 "
-                f"{self.kl_p99:.3g}) over {self.positions} positions{ratio}")
+                f"{self.kl_p99:.3g}) over {self.positions} positions{ratio}{tail}")
 
 
 @dataclass

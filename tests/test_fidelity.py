@@ -190,3 +190,13 @@ def test_a_label_free_tolerance_from_files_keeps_the_smallest_that_agrees_enough
         search["kept"]
     assert all(c["score"] < 95 for c in search["candidates"] if c["total_rank"] < search["kept"])
     assert "the smallest with agreement 95" in capsys.readouterr().out
+
+
+def test_a_nearly_flat_reference_is_said_with_the_fidelity():
+    from lorpa.fidelity import Fidelity
+
+    peaked = Fidelity(99.0, 0.001, 0.0005, 0.002, 0.01, 512, reference_tail=0.02).describe()
+    flat = Fidelity(60.0, 0.0003, 0.0002, 0.0008, 0.002, 512, reference_tail=0.95).describe()
+    assert "lower bound" not in peaked and peaked.endswith("over 512 positions")
+    assert flat.endswith("; 95% of the uncut probability lies outside its top 128 answers: nearly flat, so the KL is "
+                         "a loose lower bound and top-1 answers are near ties")
