@@ -27,7 +27,7 @@ from lorpa.harness.adapters import check_target_modules
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
 from lorpa.harness.flags import parse_args
 from lorpa.harness.loading import load_pretrained
-from lorpa.harness.outputs import check_run_arguments
+from lorpa.harness.outputs import check_run_arguments, refuse_labelled_tolerance
 from lorpa.harness.publish import publish
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.harness.training import train_stages
@@ -70,10 +70,7 @@ def main(argv=None):
         defaults={**TRAINING_DEFAULTS, "calibration_tokens": "loss"},
     )
     check_run_arguments(training_args, method_args)
-    if method_args.tolerance_metric == "score":
-        raise InputError("--tolerance_metric score chooses on a held-out selection split, which only run_glue.py "
-                         "carves; here the tolerance is label-free (agreement or kl, on training rows), or search "
-                         "with lorpa prune --tolerance T --evaluate COMMAND")
+    refuse_labelled_tolerance(method_args)
     model_path, cache_dir = model_args.model_name_or_path, model_args.cache_dir
     config = load_pretrained(AutoConfig, model_path, cache_dir)  # fail on a bad model path before reading any data
     check_length(config, data_args)

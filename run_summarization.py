@@ -27,7 +27,7 @@ from lorpa.harness.adapters import check_target_modules
 from lorpa.harness.arguments import TRAINING_DEFAULTS, MethodArguments, ModelArguments
 from lorpa.harness.flags import parse_args
 from lorpa.harness.loading import load_model, load_pretrained
-from lorpa.harness.outputs import check_run_arguments
+from lorpa.harness.outputs import check_run_arguments, refuse_labelled_tolerance
 from lorpa.harness.publish import publish
 from lorpa.harness.results import results_record, run_config, write_results
 from lorpa.harness.training import train_stages
@@ -69,10 +69,7 @@ def main(argv=None):
         defaults={**TRAINING_DEFAULTS, "predict_with_generate": True},
     )
     check_run_arguments(training_args, method_args)
-    if method_args.tolerance_metric == "score":
-        raise InputError("--tolerance_metric score chooses on a held-out selection split, which only run_glue.py "
-                         "carves; here the tolerance is label-free (agreement or kl, on training rows), or search "
-                         "with lorpa prune --tolerance T --evaluate COMMAND")
+    refuse_labelled_tolerance(method_args)
     if not training_args.predict_with_generate:
         raise InputError("ROUGE is scored on generated summaries: --predict_with_generate must stay true")
     training_args.generation_max_length = training_args.generation_max_length or data_args.val_max_target_length

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .adapter_files import CARD_FILE, AdapterFolder, json_text
+from .budgets import parameters
 from .options import ROTATED_SCORES, PruneOptions
 from .plan import PrunePlan, PruneReport
 from .stages import PRUNE_REPORT_FILE
@@ -61,8 +62,7 @@ def model_card(report: PruneReport, config: dict, options: PruneOptions, shapes:
     `origin`: how it came about, after "This adapter was" (e.g. `cut_from(...)`)."""
     old = {name: m.old_rank for name, m in report.modules.items()}
     new = report.ranks
-    size = {label: sum(ranks[n] * (i + o) for n, (i, o) in shapes.items())
-            for label, ranks in (("old", old), ("new", new))}
+    size = {"old": parameters(shapes, old), "new": parameters(shapes, new)}
     errors = [m.relative_error for m in report.modules.values()]
     lines = [front_matter(config), "", "# A LoRA adapter pruned with LoRPA", "",
              f"This adapter was {origin}: {options.describe()}. The source's own card, if it had one, describes the "

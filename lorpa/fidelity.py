@@ -179,13 +179,24 @@ def compare(model: nn.Module, batches: list[dict], recorded: Reference) -> Fidel
                     _percentile(ordered, 0.99), len(ordered), ratio, error, sum(tails) / len(tails) if tails else None)
 
 
-def criterion(metric: str, batches: list[dict], recorded: Reference):
-    """What a label-free tolerance search measures of each candidate: its agreement (%) or its mean KL."""
+def label_free_metric(metric: str | None, recorded: Reference) -> str:
+    """The label-free metric a tolerance search holds candidates to: the one asked for, else agreement (kl for a
+    regression head, which gives no top-1 answer)."""
+    metric = metric or ("kl" if recorded.regression else "agreement")
     if metric == "agreement" and recorded.regression:
         raise InputError("tolerance_metric agreement needs top-1 answers, which a regression head does not give; "
                          "use kl")
-    key = "agreement" if metric == "agreement" else "kl_mean"
-    return lambda model: getattr(compare(model, batches, recorded), key)
+    return metric
+
+
+def measured(fidelity: Fidelity, metric: str) -> float:
+    """A candidate's value under a label-free metric: its agreement (%) or its mean KL."""
+    return fidelity.agreement if metric == "agreement" else fidelity.kl_mean
+
+
+def criterion(metric: str, batches: list[dict], recorded: Reference):
+    """What a label-free tolerance search measures of each model (`label_free_metric`)."""
+    return lambda model: measured(compare(model, batches, recorded), metric)
 
 
 def read_rows(path: str, rows: int) -> list[str]:

@@ -166,8 +166,9 @@ def push(args, report, old: int, new: int) -> str:
     checks, _ = check_adapter(args.output_dir)
     broken = [check.name for check in checks if check.breaks_peft]
     if broken:
-        raise InputError(f"not pushed: lorpa check finds {broken[0]} (and {len(broken) - 1} more) unlike its config; "
-                         f"the output is in {args.output_dir}")
+        more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+        raise InputError(f"not pushed: lorpa check finds {broken[0]}{more} unlike its config; the output is in "
+                         f"{args.output_dir}")
     message = (f"Prune {args.adapter_dir} with LoRPA: {report.score} score, {report.scope} scope, total rank {old} -> "
                f"{new}")
     return push_folder(Path(args.output_dir), args.push_to_hub, private=args.private, revision=args.push_revision,

@@ -210,7 +210,7 @@ def prune_to_tolerance(model: nn.Module, evaluate: Callable[[nn.Module], float] 
         if not batches:
             raise InputError("a label-free tolerance (agreement, kl) needs batches of inputs to compare answers on")
         recorded = fidelity.reference(model, batches)
-        metric = metric or ("kl" if recorded.regression else "agreement")
+        metric = fidelity.label_free_metric(metric, recorded)
         evaluate = fidelity.criterion(metric, batches, recorded)
     model, adapter_name, layers = check_prune(model, options, adapter_name)
     modules = live_modules(layers, adapter_name)

@@ -141,15 +141,14 @@ def prune_saved_adapter_to_tolerance(adapter: str | os.PathLike, output_dir: str
     if not evaluate:
         raise InputError("--tolerance needs --evaluate COMMAND, which prints a score for the adapter folder {adapter}")
     compare = evaluate if hasattr(evaluate, "measure") else None
-    metric = options.search_metric(compare is None) or ("kl" if compare.recorded.regression else "agreement")
+    metric = options.search_metric(compare is None)
     if compare is not None:
+        from .fidelity import label_free_metric, measured
+
         if metric == "score":
             raise InputError("tolerance_metric score needs --evaluate COMMAND (a labelled score)")
-        if metric == "agreement" and compare.recorded.regression:
-            raise InputError("tolerance_metric agreement needs top-1 answers, which a regression head does not "
-                             "give; use kl")
-        key = "agreement" if metric == "agreement" else "kl_mean"
-        score_of = lambda folder: getattr(compare.measure(folder), key)  # noqa: E731
+        metric = label_free_metric(metric, compare.recorded)
+        score_of = lambda folder: measured(compare.measure(folder), metric)  # noqa: E731
     else:
         score_of = evaluate if callable(evaluate) else partial(run_evaluation, evaluate)
     folder = AdapterFolder(source.folder)

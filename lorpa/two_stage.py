@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import fidelity
 from .adapter_files import AdapterFolder
+from .budgets import parameters
 from .calibration import TOKENS, calibrate, calibration_tokens_wanted, trainer_batches, trainer_rows
 from .checkpoints import find_resume_point, read_records, redo_from, write_json_atomic
 from .distributed import release_training_wrapper
@@ -135,11 +136,12 @@ class StageCallback:
 
 def prune_log(report: PruneReport, model: nn.Module) -> dict[str, float]:
     """What a prune did, as numbers for the Trainer's log history (and so for --report_to tensorboard or wandb)."""
-    sizes = {name: layer.in_features + layer.out_features for name, layer in lora_layers(model).items()}
+    shapes = {name: (layer.in_features, layer.out_features) for name, layer in lora_layers(model).items()
+              if name in report.ranks}
     ranks = list(report.ranks.values())
     logged = {"prune/total_rank_before": sum(report.old_ranks.values()), "prune/total_rank_after": sum(ranks),
-              "prune/parameters_before": sum(r * sizes[n] for n, r in report.old_ranks.items()),
-              "prune/parameters_after": sum(r * sizes[n] for n, r in report.ranks.items()),
+              "prune/parameters_before": parameters(shapes, report.old_ranks),
+              "prune/parameters_after": parameters(shapes, report.ranks),
               "prune/rank_min": min(ranks), "prune/rank_max": max(ranks),
               "prune/mean_relative_error": report.mean_relative_error}
     if report.mean_output_error is not None:

@@ -51,6 +51,15 @@ def check_run_arguments(training_args, method_args) -> None:
                      resuming=training_args.resume_from_checkpoint is not None)
 
 
+def refuse_labelled_tolerance(method_args) -> None:
+    """For the run scripts that carve no selection split (run_clm.py, run_summarization.py): a labelled tolerance
+    would have nothing held out to score on."""
+    if method_args.tolerance_metric == "score":
+        raise InputError("--tolerance_metric score chooses on a held-out selection split, which only run_glue.py "
+                         "carves; here the tolerance is label-free (agreement or kl, on training rows), or search "
+                         "with lorpa prune --tolerance T --evaluate COMMAND")
+
+
 def check_output_dir(output_dir: str, *, overwrite: bool, resuming: bool) -> None:
     """Refuse a non-empty output folder unless the user asked to overwrite or resume it."""
     path = Path(output_dir)
